@@ -1,0 +1,603 @@
+"""MetricRL on a gridworld, measured exactly against the BFS truth.
+
+Reichlin, Vasco, Yin, Kragic. "Learning Goal-Conditioned Policies from Sub-Optimal
+Offline Data via Metric Learning", arXiv 2402.10820.
+
+    python metricrl.py --env maze                  # CPU or GPU, whichever is there
+    python metricrl.py --env maze --device cuda    # on a GPU
+    python metricrl.py --env rooms --epsilon 0.5   # half-expert data
+    python metricrl.py --load runs/maze-metricrl-s0/model.pt   # re-evaluate a checkpoint
+
+The file reads top to bottom in the paper's order: knobs (Args), offline data,
+the metric critic phi (Sec. 3.2), the value V = gamma^d and the advantage (Sec. 3.3),
+the weighted-imitation actor (Sec. 3.3), the exact evaluation, plots, main.
+
+Shapes: N free cells, B batch, F features per cell, k latent size, P (state, goal) pairs.
+"""
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import gymnasium
+import matplotlib
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import gridworld
+
+matplotlib.use("Agg")  # draw to files; no screen needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def knob(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Args:
+    env: str = knob("maze", "map: open, rooms, maze, maze<N> (odd N >= 7) or a map file")
+    device: str = knob("auto", "auto, cpu, cuda or cuda:N")
+    seed: int = knob(0, "seeds the data, the networks and the evaluation")
+    # data
+    episodes: int = knob(200, "offline trajectories")
+    episode_len: int = knob(100, "steps per trajectory (the authors' MiniGrid setting)")
+    epsilon: float = knob(1.0, "behaviour policy: random action with this probability, "
+                               "else a shortest-path move (1.0: purely random data)")
+    features: str = knob("onehot", "state features: onehot (of the cell) or xy (coordinates)")
+    # critic
+    latent: int = knob(32, "k, the size of the embedding phi(s)")
+    hidden: int = knob(128, "width of the hidden layers of phi and pi")
+    lam: float = knob(1.0, "lambda, weight of the contrastive (negative) term")
+    # value and actor
+    gamma: float = knob(0.99, "discount in V(s, g) = gamma^d(s, g)")
+    weighting: str = knob("exp", "exp: w = min(exp(beta A), w_max); "
+                                 "linear: w = V(s') - V(s) with V = -d (the authors' code)")
+    beta: float = knob(6.0, "inverse temperature of the exp weights")
+    w_max: float = knob(100.0, "clip of the exp weights")
+    # optimisation
+    steps: int = knob(3000, "gradient steps in all")
+    critic_only: float = knob(0.3, "share of the steps that train the critic alone")
+    batch_size: int = knob(256, "transitions per gradient step")
+    lr: float = knob(1e-3, "Adam learning rate of the critic")
+    actor_lr: float = knob(3e-3, "Adam learning rate of the actor")
+    # outputs
+    eval_every: int = knob(500, "exact evaluation every this many steps")
+    out: str = knob("", "output folder (default runs/<env>-<algo>-s<seed>)")
+    load: str = knob("", "re-evaluate this model.pt and redraw its figure; no training")
+    quiet: bool = knob(False, "no progress lines")
+
+
+# ============================================================================ 1. data
+def collect_dataset(env, args, rng):
+    """Offline data: `episodes` trajectories of `episode_len` steps, all run at once.
+
+    Behaviour: a uniformly random action with probability epsilon, else a shortest-path
+    action towards a target cell (drawn per episode, and again when reached).
+    Returns int64 tensors s, a, s2 (next state) and episode, t, each (M,), M = transitions.
+    """
+    nxt, opt = env.transitions(), env.optimal_actions()
+    n, e = len(nxt), args.episodes
+    state, target = rng.integers(n, size=e), rng.integers(n, size=e)
+    steps = []
+    for t in range(args.episode_len):  # vectorized over episodes
+        expert = opt[state, target]  # (E, 4): optimal actions, all False at the target
+        greedy = np.argmax(expert + rng.random((e, 4)), axis=1)  # a random optimal one
+        random = rng.integers(4, size=e)
+        act = np.where((rng.random(e) < args.epsilon) | ~expert.any(1), random, greedy)
+        steps.append((state, act, nxt[state, act], np.arange(e), np.full(e, t)))
+        state = nxt[state, act]
+        target = np.where(state == target, rng.integers(n, size=e), target)
+    columns = [np.concatenate(c) for c in zip(*steps)]
+    return dict(zip(("s", "a", "s2", "episode", "t"), map(torch.as_tensor, columns)))
+
+
+def coverage(env, data):
+    """Share of free cells and of (cell, action) pairs that the data contains."""
+    n = len(env.cells)
+    cells = torch.unique(torch.cat([data["s"], data["s2"]])).numel() / n
+    edges = torch.unique(data["s"] * 4 + data["a"]).numel() / (4 * n)
+    return {"transitions": len(data["s"]), "cell_coverage": cells, "edge_coverage": edges}
+
+
+def cell_features(env, kind):
+    """(N, F) features of every cell: one-hot (F = N) or (row, col) scaled to [-1, 1]."""
+    if kind == "onehot":
+        return torch.eye(len(env.cells))
+    size = torch.tensor([env.height - 1, env.width - 1], dtype=torch.float32)
+    return 2 * torch.as_tensor(env.cells, dtype=torch.float32) / size.clamp(min=1) - 1
+
+
+def mlp(inputs, hidden, outputs):
+    return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(),
+                         nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, outputs))
+
+
+# ============================================================== 2. critic (paper Sec. 3.2)
+def critic_loss(z, z2, s, s2, lam, eps=1e-6):
+    """The paper's contrastive metric loss on one batch of transitions.
+
+    z, z2: (B, k) embeddings phi(s_i), phi(s'_i); s, s2: (B,) their cell indices.
+      positive = mean_i (||phi(s'_i) - phi(s_i)|| - 1)^2      over transitions that moved
+      negative = mean_{i != j} -log(||phi(s_i) - phi(s'_j)|| + eps)   over different cells
+    The positive distance is row-wise, (B,) -> (B,). The authors' code calls torch.cdist
+    on (B, 1, k) and (B, k), which broadcasts to all B x B pairs; the paper means row-wise.
+    A wall bump (s' = s) has true distance 0 and is never pulled to 1. Pairs of the same
+    cell are left out of the push: their distance is 0 by construction.
+    """
+    moved = (s != s2).float()  # (B,)
+    d_pos = (z2 - z).norm(dim=-1)  # (B,)
+    positive = (moved * (d_pos - 1) ** 2).sum() / moved.sum().clamp(min=1)
+    d_all = torch.cdist(z, z2)  # (B, B): d(phi(s_i), phi(s'_j))
+    other = (s[:, None] != s2[None, :]).float()  # (B, B): i != j, different cells
+    negative = (other * -torch.log(d_all + eps)).sum() / other.sum().clamp(min=1)
+    return positive + lam * negative, {"positive": positive, "negative": negative}
+
+
+# ===================================================== 3. value and advantage (Sec. 3.3)
+def latent_distance(z, zg):
+    """d_phi(s, g) = ||phi(s) - phi(g)||, row-wise: (..., k), (..., k) -> (...)."""
+    return (z - zg).norm(dim=-1)
+
+
+def value(d, gamma):
+    """V(s, g) = gamma^{d_phi(s, g)} * r_g with r_g = 1 (Sec. 3.1)."""
+    return gamma ** d
+
+
+def advantage_weights(d, d2, args):
+    """Weights of the imitation loss from d = d_phi(s, g), d2 = d_phi(s', g), each (B,).
+
+    A = d - d2 is the progress towards g in steps, log_gamma(V(s', g) / V(s, g)), so it
+    does not shrink with gamma^d far from the goal. exp: w = min(exp(beta A), w_max),
+    clipped so that one outlier cannot dominate a batch. linear: the authors' code,
+    w = V(s') - V(s) with V = -d, which is the same A, unclipped and possibly negative.
+    """
+    adv = d - d2  # (B,)
+    if args.weighting == "linear":
+        return adv
+    return torch.exp(args.beta * adv).clamp(max=args.w_max)
+
+
+# ================================================================ 4. actor (Sec. 3.3)
+def actor_logits(actor, x, s, g):
+    """pi(. | s, g) as logits (B, 4), from the features x (N, F) of cells s, g (B,)."""
+    return actor(torch.cat([x[s], x[g]], dim=-1))
+
+
+def actor_loss(logits, a, w):
+    """Advantage-weighted imitation: -mean_i w_i log pi(a_i | s_i, g_i); w has no gradient."""
+    logp = F.log_softmax(logits, dim=-1).gather(1, a[:, None]).squeeze(1)  # (B,)
+    return -(w * logp).mean()
+
+
+def train(env, data, x, critic, actor, args, evaluate_fn, log):
+    """Critic alone for the first `critic_only` share of the steps, then both.
+
+    Every cell's embedding is computed once a step, Z = phi(x) (N, k), and a batch
+    gathers its rows: the same numbers and gradients as phi on the batch, cheaper.
+    Goals for the actor are dataset states drawn uniformly (any state, not the one the
+    data was collected for: random data has none; the critic generalizes to all pairs).
+    """
+    opt_c = torch.optim.Adam(critic.parameters(), lr=args.lr, fused=True)
+    opt_a = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, fused=True)
+    m, b = len(data["s"]), args.batch_size
+    actor_from = int(args.critic_only * args.steps)
+    sums, count, start = {}, 0, time.time()
+    for step in range(1, args.steps + 1):
+        i = torch.randint(m, (b,), device=x.device)
+        s, a, s2 = data["s"][i], data["a"][i], data["s2"][i]  # (B,)
+        z = critic(x)  # (N, k)
+        loss_c, info = critic_loss(z[s], z[s2], s, s2, args.lam)
+        opt_c.zero_grad(set_to_none=True)
+        loss_c.backward()
+        opt_c.step()
+        info = {"critic_loss": loss_c.detach(), **{k: v.detach() for k, v in info.items()}}
+        if step > actor_from:
+            g = data["s"][torch.randint(m, (b,), device=x.device)]  # (B,) goals
+            with torch.no_grad():
+                z = critic(x)
+                w = advantage_weights(latent_distance(z[s], z[g]), latent_distance(z[s2], z[g]), args)
+            loss_a = actor_loss(actor_logits(actor, x, s, g), a, w)
+            opt_a.zero_grad(set_to_none=True)
+            loss_a.backward()
+            opt_a.step()
+            info["actor_loss"] = loss_a.detach()
+        for k, v in info.items():  # summed on the device: no host sync per step
+            sums[k] = sums.get(k, 0) + v
+        count += 1
+        if step % args.eval_every == 0 or step == args.steps:
+            row = {"step": step, **{k: v.item() / count for k, v in sums.items()},
+                   "steps_per_s": step / (time.time() - start), **evaluate_fn()}
+            log(row)
+            sums, count = {}, 0
+
+
+# =========================================================== 5. evaluation (exact, BFS)
+@torch.no_grad()
+def policy_table(actor, x, chunk=1 << 16):
+    """Greedy actions argmax_a pi(a | s, g) for every pair: (N, N), in chunks of pairs."""
+    n = len(x)
+    pairs = torch.arange(n * n, device=x.device)
+    return torch.cat([actor_logits(actor, x, p // n, p % n).argmax(-1)
+                      for p in pairs.split(chunk)]).view(n, n)
+
+
+def critic_table(dz, nxt):
+    """The critic's own greedy policy: argmin_a d_phi(next(s, a), g). dz (N, N) -> (N, N)."""
+    return dz[nxt].argmin(dim=1)  # dz[nxt]: (N, 4, N)
+
+
+def rollout(table, nxt, limit):
+    """Roll every (s, g) out with the action table (N, N) by look-ups, all pairs at once.
+
+    A greedy table is deterministic: a pair not at its goal after N - 1 steps is in a
+    loop and never arrives, so min(limit, N) steps give the same answer as `limit`.
+    Returns reached (N, N) bool and steps taken (N, N).
+    """
+    n = len(table)
+    goal = torch.arange(n, device=table.device).expand(n, n)
+    pos = torch.arange(n, device=table.device)[:, None].expand(n, n)
+    done = pos == goal
+    steps = torch.zeros(n, n, dtype=torch.long, device=table.device)
+    for _ in range(min(limit, n)):
+        pos = torch.where(done, pos, nxt[pos, table[pos, goal]])
+        steps += ~done
+        done = done | (pos == goal)
+    return done, steps
+
+
+def ranks(x):
+    """Ranks of a 1-D tensor, ties sharing their average rank (for Spearman)."""
+    _, inverse, counts = torch.unique(x, return_inverse=True, return_counts=True)
+    average = torch.cumsum(counts, 0) - (counts - 1) / 2  # average rank of each value
+    return average[inverse].double()
+
+
+def spearman(x, y):
+    """Spearman rank correlation: Pearson correlation of the ranks."""
+    rx, ry = ranks(x), ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return ((rx * ry).sum() / (rx.norm() * ry.norm())).item()
+
+
+def monotonicity(dz, d, triplets=200_000, seed=0):
+    """Sec. 3.1: share of triplets (s1, s2, g) with d(s1, g) < d(s2, g) whose order d_phi
+    keeps, over `triplets` seeded draws (pairs with equal or no true distance dropped)."""
+    gen = torch.Generator().manual_seed(seed)
+    s1, s2, g = torch.randint(len(d), (3, triplets), generator=gen).to(d.device)
+    d1, d2 = d[s1, g], d[s2, g]
+    keep = (d1 >= 0) & (d2 >= 0) & (d1 != d2)
+    near, far = torch.where(d1 < d2, s1, s2)[keep], torch.where(d1 < d2, s2, s1)[keep]
+    return (dz[near, g[keep]] < dz[far, g[keep]]).double().mean().item()
+
+
+@torch.no_grad()
+def evaluate(critic, actor, x, truth, limit):
+    """All metrics, exact over every ordered reachable pair (s, g), s != g.
+
+    truth: dict of tensors nxt (N, 4), d (N, N) BFS distances, opt (N, N, 4).
+    """
+    nxt, d, opt = truth["nxt"], truth["d"], truth["opt"]
+    pairs = d > 0  # (N, N) reachable, s != g
+    z = critic(x)
+    dz = torch.cdist(z, z)  # (N, N) learned distances
+    pi, greedy = policy_table(actor, x), critic_table(dz, nxt)
+    reached, steps = rollout(pi, nxt, limit)
+    critic_reached, _ = rollout(greedy, nxt, limit)
+    ok = reached & pairs
+    return {
+        "success_rate": ok[pairs].double().mean().item(),
+        "path_ratio": (steps[ok] / d[ok]).mean().item() if ok.any() else float("nan"),
+        "optimal_action_rate": opt.gather(2, pi[..., None])[..., 0][pairs].double().mean().item(),
+        "value_greedy_rate": opt.gather(2, greedy[..., None])[..., 0][pairs].double().mean().item(),
+        "critic_success_rate": critic_reached[pairs].double().mean().item(),
+        "spearman": spearman(dz[pairs], d[pairs].double()),
+        "monotonicity": monotonicity(dz, d),
+    }
+
+
+
+# ========================================================================= 6. plots
+def grid_image(env, values):
+    """Values per cell (N,) -> (H, W) array for imshow, walls masked."""
+    image = np.full((env.height, env.width), np.nan)
+    image[env.cells[:, 0], env.cells[:, 1]] = values
+    return np.ma.masked_invalid(image)
+
+
+def show_map(fig, ax, env, values, title, cmap="viridis", label="", **kw):
+    cmap = plt.get_cmap(cmap).with_extremes(bad="0.25")  # walls dark grey
+    im = ax.imshow(grid_image(env, values), cmap=cmap, **kw)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, label=label)
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot(path, env, args, x, critic, actor, data, history):
+    """One figure: value, policy and data on the map; distances, embedding, curves."""
+    with torch.no_grad():
+        z = critic(x)
+        dz = torch.cdist(z, z).cpu().numpy()
+        nxt = torch.as_tensor(np.array(env.transitions()), device=x.device)
+        pi = policy_table(actor, x)
+        reached = rollout(pi, nxt, len(env.cells))[0].cpu().numpy()
+        pi, z = pi.cpu().numpy(), z.cpu().numpy()
+    d = env.distance_matrix()
+    goal = int(np.argmax(d.max(1)))  # one end of a longest shortest path
+    gr, gc = env.cells[goal]
+    fig, axes = plt.subplots(2, 4, figsize=(20, 9.5))
+    (a_v, a_true, a_pi, a_data), (a_d, a_pca, a_metrics, a_loss) = axes
+
+    show_map(fig, a_v, env, value(dz[:, goal], args.gamma), "Learned V(s, g) = γ^{d_φ(s, g)}",
+             vmin=0, vmax=1, label="V")
+    show_map(fig, a_true, env, args.gamma ** d[:, goal].astype(float),
+             "True optimal V*(s, g) = γ^{d(s, g)}", vmin=0, vmax=1, label="V*")
+    fails = ~reached[:, goal] & (d[:, goal] > 0)
+    show_map(fig, a_pi, env, d[:, goal], f"Greedy π(·|s, g): {fails.sum()} of "
+             f"{(d[:, goal] > 0).sum()} cells fail (×)", cmap="Blues_r", label="true distance to g")
+    move = gridworld.MOVES[pi[:, goal]]  # (N, 2) (d_row, d_col) of each cell's action
+    a_pi.quiver(env.cells[:, 1], env.cells[:, 0], move[:, 1], move[:, 0], angles="xy",
+                scale_units="xy", scale=1.6, width=0.006, color="k")
+    a_pi.plot(env.cells[fails, 1], env.cells[fails, 0], "x", color="red", ms=9, mew=2)
+    visits = np.bincount(data["s"].cpu().numpy(), minlength=len(env.cells))
+    show_map(fig, a_data, env, visits, f"Offline data: visits per cell (ε = {args.epsilon})",
+             cmap="magma", label="visits")
+    for ax in (a_v, a_true, a_pi, a_data):
+        ax.plot(gc, gr, "*", color="gold", ms=16, mec="k", label="goal g")
+    a_v.legend(loc="lower right", fontsize=8)
+
+    pairs = d > 0  # learned vs true distance over all reachable pairs
+    true, learned = d[pairs], dz[pairs]
+    steps = np.arange(1, true.max() + 1)
+    q = np.array([np.percentile(learned[true == t], [10, 50, 90]) for t in steps])
+    a_d.fill_between(steps, q[:, 0], q[:, 2], alpha=0.3, label="10–90% of pairs")
+    a_d.plot(steps, q[:, 1], label="median")
+    a_d.plot(steps, steps, "k--", lw=1, label="d_φ = d")
+    a_d.set(title="Learned vs true distance, all pairs", xlabel="true distance d(s, g) (BFS)",
+            ylabel="learned distance d_φ(s, g)")
+    a_d.legend()
+
+    centred = z - z.mean(0)
+    xy = centred @ np.linalg.svd(centred, full_matrices=False)[2][:2].T  # (N, 2) PCA
+    tn = env.transitions()
+    edges = np.array([(i, j) for i, j in zip(np.repeat(np.arange(len(tn)), 4), tn.ravel()) if i < j])
+    a_pca.plot(xy[edges.T, 0], xy[edges.T, 1], color="0.8", lw=0.8, zorder=0)
+    sc = a_pca.scatter(xy[:, 0], xy[:, 1], c=d[:, goal], cmap="viridis", s=18)
+    a_pca.plot(*xy[goal], "*", color="gold", ms=16, mec="k")
+    fig.colorbar(sc, ax=a_pca, fraction=0.046, pad=0.03, label="true distance to g")
+    a_pca.set(title="φ(s) projected on 2 principal axes (lines: moves)", xlabel="PC 1",
+              ylabel="PC 2")
+
+    steps = [h["step"] for h in history]
+    for key in ("success_rate", "critic_success_rate", "optimal_action_rate", "monotonicity"):
+        a_metrics.plot(steps, [h[key] for h in history], marker="o", ms=3, label=key)
+    a_metrics.axvline(args.critic_only * args.steps, color="0.5", ls=":", label="actor starts")
+    a_metrics.set(title="Exact metrics during training", xlabel="gradient step", ylim=(0, 1.02))
+    a_metrics.legend(fontsize=8)
+    for key in ("positive", "negative", "actor_loss"):
+        rows = [h for h in history if key in h]
+        a_loss.plot([h["step"] for h in rows], [h[key] for h in rows], marker="o", ms=3,
+                    label={"positive": "critic: positive term", "negative": "critic: negative term",
+                           "actor_loss": "actor: weighted NLL"}[key])
+    a_loss.set(title="Losses (mean since the last point)", xlabel="gradient step")
+    a_loss.legend(fontsize=8)
+    fig.suptitle(f"MetricRL on '{args.env}' ({len(env.cells)} cells), goal g = ({gr}, {gc}), "
+                 f"{args.episodes}×{args.episode_len} steps of data, ε = {args.epsilon}",
+                 fontsize=14)
+    fig.tight_layout()
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+
+
+# ================================================================ 7. save and load
+def save_checkpoint(path, env, args, critic, actor, history):
+    torch.save({"critic": critic.state_dict(), "actor": actor.state_dict(),
+                "args": dataclasses.asdict(args), "layout": env.layout, "history": history}, path)
+
+
+class Agent:
+    """A trained policy: act(states, goals) with (B, 2) int arrays of (row, col)."""
+
+    def __init__(self, env, args, x, critic, actor):
+        self.env, self.args, self.x, self.critic, self.actor = env, args, x, critic, actor
+
+    @torch.no_grad()
+    def act(self, states, goals):
+        """-> (B,) int array of greedy actions argmax_a pi(a | s, g)."""
+        s, g = (torch.as_tensor(self.cell_indices(c), device=self.x.device) for c in (states, goals))
+        return actor_logits(self.actor, self.x, s, g).argmax(-1).cpu().numpy()
+
+    def cell_indices(self, rc):
+        rc = np.asarray(rc).reshape(-1, 2)
+        inside = ((rc >= 0) & (rc < (self.env.height, self.env.width))).all(1)
+        index = np.full(len(rc), -1)
+        index[inside] = self.env.index[rc[inside, 0], rc[inside, 1]]
+        if (index < 0).any():
+            raise ValueError(f"not a free cell of this map: {rc[index < 0][0].tolist()}")
+        return index
+
+
+def load_agent(path, device="cpu"):
+    """Rebuild the environment and networks of a model.pt; returns an Agent."""
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    args = Args(**ckpt["args"])
+    env = gridworld.GridWorld(ckpt["layout"])
+    x, critic, actor = build(env, args, device)
+    critic.load_state_dict(ckpt["critic"])
+    actor.load_state_dict(ckpt["actor"])
+    agent = Agent(env, args, x, critic.eval(), actor.eval())
+    agent.history = ckpt["history"]
+    return agent
+
+
+# ========================================================================== 8. main
+class UsageError(Exception):
+    """Bad input from the command line: one line on stderr, exit code 2."""
+
+
+def parse_args(argv=None):
+    """argparse from the Args dataclass: one flag per field, its comment as help."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.error = lambda message: fail(message)  # one line, exit 2 (no usage dump)
+    for f in dataclasses.fields(Args):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=f.type, default=f.default, help=f.metadata["help"])
+    return Args(**vars(parser.parse_args(argv)))
+
+
+def fail(message):
+    print(f"metricrl.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_args(args):
+    """Raise UsageError for values the run cannot use."""
+    for name in ("steps", "episodes", "episode_len", "batch_size", "eval_every", "latent", "hidden"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not 0 <= args.epsilon <= 1:
+        raise UsageError(f"--epsilon must be in [0, 1], got {args.epsilon}")
+    if not 0 <= args.critic_only < 1:
+        raise UsageError(f"--critic-only must be in [0, 1), got {args.critic_only}")
+    if not 0 < args.gamma <= 1:
+        raise UsageError(f"--gamma must be in (0, 1], got {args.gamma}")
+    if args.features not in ("onehot", "xy"):
+        raise UsageError(f"--features must be onehot or xy, got {args.features!r}")
+    if args.weighting not in ("exp", "linear"):
+        raise UsageError(f"--weighting must be exp or linear, got {args.weighting!r}")
+
+
+def resolve_device(name):
+    """'auto' -> cuda if available, else cpu; UsageError if the device does not exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available here "
+                             f"(torch {torch.__version__}); use --device cpu")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
+    elif device.type != "cpu":
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    return device
+
+
+def output_dir(args):
+    algo = "metricrl" if args.weighting == "exp" else "metricrl-linear"
+    name = os.path.splitext(os.path.basename(args.env))[0]
+    out = args.out or (os.path.dirname(args.load) if args.load else
+                       os.path.join("runs", f"{name}-{algo}-s{args.seed}"))
+    try:
+        os.makedirs(out or ".", exist_ok=True)
+        with open(os.path.join(out, ".write-test"), "w"):
+            pass
+        os.remove(os.path.join(out, ".write-test"))
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write there ({e.strerror})") from None
+    return out, algo
+
+
+def report(row, args):
+    """One progress line per evaluation."""
+    if args.quiet:
+        return
+    losses = f"critic {row['critic_loss']:7.3f}" + (f"  actor {row['actor_loss']:6.3f}"
+                                                     if "actor_loss" in row else " " * 14)
+    print(f"step {row['step']:6d}/{args.steps}  {losses}  {row['steps_per_s']:5.0f} steps/s | "
+          f"success {row['success_rate']:.3f}  critic success {row['critic_success_rate']:.3f}  "
+          f"monotonicity {row['monotonicity']:.3f}", flush=True)
+
+
+def run(args, start):
+    check_args(args)
+    device = resolve_device(args.device)
+    if args.load:
+        try:
+            agent = load_agent(args.load, device)
+        except Exception as e:  # missing, truncated or foreign file
+            raise UsageError(f"--load {args.load}: not a metricrl checkpoint "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        args = dataclasses.replace(agent.args, load=args.load, out=args.out, device=args.device,
+                                   quiet=args.quiet)
+        env, x, critic, actor, history = agent.env, agent.x, agent.critic, agent.actor, agent.history
+    else:
+        try:
+            env = gridworld.GridWorld(args.env)
+        except ValueError as e:
+            raise UsageError(f"--env {args.env}: {e}") from None
+    out, algo = output_dir(args)
+    limit = gymnasium.spec("GridWorld-v0").max_episode_steps
+    torch.manual_seed(args.seed)
+    data = collect_dataset(env, args, np.random.default_rng(args.seed))
+    data = {k: v.to(device) for k, v in data.items()}
+    truth = ground_truth(env, device)
+    if not args.load:
+        x, critic, actor = build(env, args, device)
+        history = []
+        if not args.quiet:
+            print(f"{args.env}: {len(env.cells)} cells | data {coverage(env, data)} | "
+                  f"device {device} | {args.steps} steps", flush=True)
+        train(env, data, x, critic, actor, args,
+              lambda: evaluate(critic, actor, x, truth, limit),
+              lambda row: (history.append(row), report(row, args)))
+        save_checkpoint(os.path.join(out, "model.pt"), env, args, critic, actor, history)
+        with open(os.path.join(out, "log.csv"), "w", newline="") as f:
+            keys = list(dict.fromkeys(k for row in history for k in row))
+            writer = csv.DictWriter(f, keys)
+            writer.writeheader()
+            writer.writerows(history)
+    metrics = evaluate(critic, actor, x, truth, limit)
+    plot(os.path.join(out, "metricrl.png"), env, args, x, critic, actor, data, history)
+    metrics.update(env=args.env, algo=algo, seed=args.seed, device=str(device),
+                   steps=args.steps, seconds=round(time.time() - start, 2),
+                   dataset=coverage(env, data))
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    print("\n".join([f"wrote {out}/ (metrics.json, log.csv, model.pt, metricrl.png) "
+                     f"in {metrics['seconds']:.1f} s"] +
+                    [f"  {k:20s} {metrics[k]:.3f}" for k in list(metrics)[:7]]))
+    return metrics
+
+
+def ground_truth(env, device):
+    """The BFS truth as tensors: nxt (N, 4), d (N, N), opt (N, N, 4)."""
+    return {"nxt": torch.as_tensor(np.array(env.transitions()), device=device),
+            "d": torch.as_tensor(np.array(env.distance_matrix()), device=device).long(),
+            "opt": torch.as_tensor(np.array(env.optimal_actions()), device=device)}
+
+
+def build(env, args, device):
+    """Features and fresh networks phi: F -> k and pi: 2F -> 4 logits."""
+    x = cell_features(env, args.features).to(device)
+    critic = mlp(x.shape[1], args.hidden, args.latent).to(device)
+    actor = mlp(2 * x.shape[1], args.hidden, 4).to(device)
+    return x, critic, actor
+
+
+def main(argv=None):
+    start = time.time()
+    args = parse_args(argv)
+    try:
+        return run(args, start)
+    except UsageError as e:
+        fail(str(e))
+
+
+if __name__ == "__main__":
+    main()

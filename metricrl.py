@@ -14,23 +14,26 @@ the weighted-imitation actor (Sec. 3.3), the exact evaluation, plots, main.
 
 Shapes: N free cells, B batch, F features per cell, k latent size, P (state, goal) pairs.
 """
-import argparse
-import csv
-import dataclasses
-import json
-import os
-import sys
 import time
-from dataclasses import dataclass, field
 
-import gymnasium
-import matplotlib
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+START = time.time()  # "seconds" in metrics.json counts from here: launch to figure written
 
-import gridworld
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+import gymnasium  # noqa: E402
+import matplotlib  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import gridworld  # noqa: E402
 
 matplotlib.use("Agg")  # draw to files; no screen needed
 import matplotlib.pyplot as plt  # noqa: E402
@@ -135,7 +138,8 @@ def critic_loss(z, z2, s, s2, lam, eps=1e-6):
     d_pos = (z2 - z).norm(dim=-1)  # (B,)
     positive = (moved * (d_pos - 1) ** 2).sum() / moved.sum().clamp(min=1)
     d_all = torch.cdist(z, z2)  # (B, B): d(phi(s_i), phi(s'_j))
-    other = (s[:, None] != s2[None, :]).float()  # (B, B): i != j, different cells
+    eye = torch.eye(len(s), dtype=torch.bool, device=s.device)
+    other = ((s[:, None] != s2[None, :]) & ~eye).float()  # (B, B): i != j, different cells
     negative = (other * -torch.log(d_all + eps)).sum() / other.sum().clamp(min=1)
     return positive + lam * negative, {"positive": positive, "negative": negative}
 
@@ -336,10 +340,11 @@ def plot(path, env, args, x, critic, actor, data, history):
     fig, axes = plt.subplots(2, 4, figsize=(20, 9.5))
     (a_v, a_true, a_pi, a_data), (a_d, a_pca, a_metrics, a_loss) = axes
 
-    show_map(fig, a_v, env, value(dz[:, goal], args.gamma), "Learned V(s, g) = γ^{d_φ(s, g)}",
-             vmin=0, vmax=1, label="V")
-    show_map(fig, a_true, env, args.gamma ** d[:, goal].astype(float),
-             "True optimal V*(s, g) = γ^{d(s, g)}", vmin=0, vmax=1, label="V*")
+    v, v_true = value(dz[:, goal], args.gamma), args.gamma ** d[:, goal].astype(float)
+    low = min(v.min(), v_true[d[:, goal] >= 0].min())  # one colour scale for both
+    show_map(fig, a_v, env, v, "Learned V(s, g) = γ^{d_φ(s, g)}", vmin=low, vmax=1, label="V")
+    show_map(fig, a_true, env, np.where(d[:, goal] >= 0, v_true, np.nan),
+             "True optimal V*(s, g) = γ^{d(s, g)}", vmin=low, vmax=1, label="V*")
     fails = ~reached[:, goal] & (d[:, goal] > 0)
     show_map(fig, a_pi, env, d[:, goal], f"Greedy π(·|s, g): {fails.sum()} of "
              f"{(d[:, goal] > 0).sum()} cells fail (×)", cmap="Blues_r", label="true distance to g")
@@ -590,8 +595,8 @@ def build(env, args, device):
     return x, critic, actor
 
 
-def main(argv=None):
-    start = time.time()
+def main(argv=None, start=None):
+    start = start or time.time()
     args = parse_args(argv)
     try:
         return run(args, start)
@@ -600,4 +605,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    main(start=START)

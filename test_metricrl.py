@@ -187,3 +187,222 @@ def test_border_is_optional_and_file_layouts_load(tmp_path):
 def test_load_layout_errors(spec, message):
     with pytest.raises(ValueError, match=message):
         load_layout(spec)
+
+
+# ===================================================================== metricrl.py
+import json  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+import metricrl  # noqa: E402
+from metricrl import Args  # noqa: E402
+
+ROOM = "#######\n#.....#\n#.#...#\n#.....#\n#######"  # a 3 x 5 room with a pillar
+TINY = ["--episodes", "20", "--episode-len", "30", "--steps", "60", "--eval-every", "30",
+        "--batch-size", "64", "--hidden", "32", "--quiet"]
+
+
+def tiny_map(tmp_path):
+    path = tmp_path / "room.txt"
+    path.write_text(ROOM)
+    return str(path)
+
+
+def truth(env):
+    return metricrl.ground_truth(env, "cpu")
+
+
+class TableActor(nn.Module):
+    """A 'network' that reads (s, g) back from one-hot features and returns fixed logits."""
+
+    def __init__(self, logits):  # logits (N, N, 4)
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, sg):  # (B, 2N) one-hot of s and g -> (B, 4)
+        n = sg.shape[1] // 2
+        return self.logits[sg[:, :n].argmax(1), sg[:, n:].argmax(1)]
+
+
+def test_critic_loss_shapes_and_hand_computed_value():
+    z = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+    z2 = torch.tensor([[1.0, 0.0], [3.0, 4.0]])
+    s, s2 = torch.tensor([0, 1]), torch.tensor([2, 1])  # transition 1 is a wall bump
+    loss, info = metricrl.critic_loss(z, z2, s, s2, lam=1.0)
+    # positive: only transition 0 moved, and it has length 1 -> 0.
+    # negative: pairs (0, 1) at distance 5 and (1, 0) at distance sqrt(20).
+    expected = -(np.log(5 + 1e-6) + np.log(np.sqrt(20) + 1e-6)) / 2
+    assert loss.shape == () and info["positive"].item() == pytest.approx(0.0)
+    assert info["negative"].item() == pytest.approx(expected, rel=1e-5)
+    # row-wise: shifting the pairing changes the positive term (all-pairs would not)
+    _, swapped = metricrl.critic_loss(z, z2.flip(0), s, s2.flip(0), lam=1.0)
+    assert swapped["positive"].item() > 1.0
+
+
+def test_latent_distance_is_row_wise():
+    z, zg = torch.zeros(5, 3), torch.arange(15.0).view(5, 3)
+    d = metricrl.latent_distance(z, zg)
+    assert d.shape == (5,) and d[1].item() == pytest.approx(np.sqrt(9 + 16 + 25))
+
+
+def test_advantage_weights_exp_clipped_and_linear():
+    d, d2 = torch.tensor([5.0, 5.0, 5.0]), torch.tensor([4.0, 5.0, 6.0])
+    args = Args(beta=6.0, w_max=100.0)
+    assert metricrl.advantage_weights(d, d2, args).tolist() == pytest.approx(
+        [100.0, 1.0, np.exp(-6.0)])
+    linear = metricrl.advantage_weights(d, d2, Args(weighting="linear"))
+    assert linear.tolist() == [1.0, 0.0, -1.0]
+
+
+def test_critic_learns_to_order_distances_on_a_tiny_map():
+    env = GridWorld(ROOM)
+    args = Args(episodes=20, episode_len=30, steps=300, critic_only=1.0, eval_every=100,
+                batch_size=128, hidden=64)
+    torch.manual_seed(0)
+    data = metricrl.collect_dataset(env, args, np.random.default_rng(0))
+    x, critic, actor = metricrl.build(env, args, "cpu")
+    rows = []
+    metricrl.train(env, data, x, critic, actor, args,
+                   lambda: metricrl.evaluate(critic, actor, x, truth(env), 1000), rows.append)
+    losses = [r["critic_loss"] for r in rows]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert rows[-1]["spearman"] > 0.8 and rows[-1]["monotonicity"] > 0.8
+
+
+def test_actor_with_perfect_critic_becomes_optimal():
+    """On a corridor phi(cell i) = i is an exact embedding: d_phi = BFS distance."""
+    env = GridWorld("##########\n#........#\n##########")
+    args = Args(episodes=20, episode_len=30, steps=300, critic_only=0.0, eval_every=300,
+                batch_size=128, hidden=32, lr=0.0)  # lr 0: the critic stays perfect
+    torch.manual_seed(0)
+    data = metricrl.collect_dataset(env, args, np.random.default_rng(0))
+    x, _, actor = metricrl.build(env, args, "cpu")
+    critic = nn.Linear(len(env.cells), 1, bias=False)
+    with torch.no_grad():
+        critic.weight.copy_(torch.arange(8.0)[None])
+    d = env.distance_matrix()
+    z = critic(x).detach()
+    assert torch.allclose(torch.cdist(z, z), torch.as_tensor(np.array(d), dtype=torch.float32))
+    # the weights favour shortest-path transitions
+    s, a, s2 = data["s"], data["a"], data["s2"]
+    g = torch.randint(len(env.cells), s.shape)
+    d = torch.as_tensor(np.array(d)).float()
+    w = metricrl.advantage_weights(d[s, g], d[s2, g], args)
+    on_path = torch.as_tensor(np.array(env.optimal_actions()))[s, g, a]
+    assert w[on_path].min() > 10 * w[~on_path].max()
+    rows = []
+    metricrl.train(env, data, x, critic, actor, args,
+                   lambda: metricrl.evaluate(critic, actor, x, truth(env), 1000), rows.append)
+    assert rows[-1]["optimal_action_rate"] == 1.0 and rows[-1]["success_rate"] == 1.0
+    assert rows[-1]["spearman"] == pytest.approx(1.0)
+
+
+def test_metrics_of_optimal_random_and_looping_policies():
+    env = GridWorld("rooms")
+    t = truth(env)
+    x = metricrl.cell_features(env, "onehot")
+    critic = nn.Identity()  # phi = one-hot: every pair at distance sqrt(2)
+    optimal = metricrl.evaluate(critic, TableActor(t["opt"].float()), x, t, 1000)
+    assert optimal["success_rate"] == 1.0 and optimal["path_ratio"] == 1.0
+    assert optimal["optimal_action_rate"] == 1.0
+    torch.manual_seed(0)
+    random = metricrl.evaluate(critic, TableActor(torch.randn(t["opt"].shape)), x, t, 1000)
+    assert random["success_rate"] < 0.5 and random["optimal_action_rate"] < 0.7
+    up = torch.zeros(t["opt"].shape)
+    up[..., 0] = 1  # always up: stuck at the top wall, never reaches a goal below
+    looping = metricrl.evaluate(critic, TableActor(up), x, t, 1000)
+    assert looping["success_rate"] < 0.5
+
+
+def test_rollout_counts_loops_as_failures_and_stops_early_exactly():
+    env = GridWorld(RING)
+    nxt = torch.as_tensor(np.array(env.transitions()))
+    table = torch.ones(10, 10, dtype=torch.long)  # always right
+    reached, steps = metricrl.rollout(table, nxt, 1000)
+    assert not reached[0, 4] and reached[0, 3] and steps[0, 3] == 3  # (0,0) -> (0,3)
+    full = metricrl.rollout(table, nxt, 10_000)
+    assert (reached == full[0]).all() and (steps == full[1]).all()
+
+
+def test_spearman_and_monotonicity_of_the_truth_are_one():
+    d = torch.as_tensor(np.array(GridWorld("maze").distance_matrix())).long()
+    pairs = d > 0
+    assert metricrl.spearman(d[pairs].double(), d[pairs].double()) == pytest.approx(1.0)
+    assert metricrl.monotonicity(d.double(), d) == 1.0
+    assert metricrl.monotonicity(-d.double(), d) == 0.0
+    x = torch.tensor([1.0, 2.0, 2.0, 3.0])
+    assert metricrl.ranks(x).tolist() == [1.0, 2.5, 2.5, 4.0]
+
+
+def test_end_to_end_outputs_reload_and_same_seed(tmp_path):
+    env = tiny_map(tmp_path)
+    m1 = metricrl.main(["--env", env, "--out", str(tmp_path / "a"), *TINY])
+    for name in ("metrics.json", "log.csv", "model.pt", "metricrl.png"):
+        assert (tmp_path / "a" / name).stat().st_size > 0
+    saved = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    for key in ("success_rate", "path_ratio", "optimal_action_rate", "value_greedy_rate",
+                "critic_success_rate", "spearman", "monotonicity", "seconds", "dataset"):
+        assert key in saved
+    assert saved["env"] == env and saved["steps"] == 60 and saved["device"] == "cpu"
+    assert (tmp_path / "a" / "log.csv").read_text().count("\n") == 3  # header + 2 evaluations
+    m2 = metricrl.main(["--env", env, "--out", str(tmp_path / "b"), *TINY])
+    drop = lambda m: {k: v for k, v in m.items() if k != "seconds"}  # noqa: E731
+    assert drop(m1) == drop(m2)
+    m3 = metricrl.main(["--load", str(tmp_path / "a" / "model.pt"), "--out", str(tmp_path / "c"),
+                        "--quiet"])
+    assert drop(m3) == drop(m1)
+    agent = metricrl.load_agent(str(tmp_path / "a" / "model.pt"))
+    actions = agent.act(np.array([[1, 1], [3, 5]]), np.array([[3, 5], [1, 1]]))
+    assert actions.shape == (2,) and set(actions.tolist()) <= {0, 1, 2, 3}
+    with pytest.raises(ValueError, match="not a free cell"):
+        agent.act(np.array([[0, 0]]), np.array([[1, 1]]))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--env", "castle"], "unknown layout 'castle'"),
+    (["--env", "BADMAP"], "unknown character"),
+    (["--steps", "0"], "--steps must be positive"),
+    (["--episodes", "-3"], "--episodes must be positive"),
+    (["--epsilon", "1.5"], "--epsilon must be in [0, 1]"),
+    (["--out", "FILE/sub"], "cannot write there"),
+    (["--load", "missing.pt"], "not a metricrl checkpoint"),
+    (["--load", "FILE"], "not a metricrl checkpoint"),
+    (["--features", "pixels"], "--features must be onehot or xy"),
+    (["--steps", "many"], "invalid int value"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, flags, message):
+    bad_map, a_file = tmp_path / "bad.txt", tmp_path / "file"
+    bad_map.write_text("#..#\n#.x#")
+    a_file.write_text("not a checkpoint")
+    flags = [f.replace("BADMAP", str(bad_map)).replace("FILE", str(a_file)) for f in flags]
+    with pytest.raises(SystemExit) as exit_info:
+        metricrl.main([*flags, "--out", str(tmp_path / "out"), "--quiet"] if "--out" not in flags
+                      else [*flags, "--quiet"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_bad_input_from_the_shell_has_no_traceback():
+    result = subprocess.run([sys.executable, "metricrl.py", "--epsilon", "2"], cwd=HERE,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "metricrl.py: error: --epsilon must be in [0, 1], got 2.0"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_fails_cleanly(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        metricrl.main(["--device", "cuda", "--quiet"])
+    assert exit_info.value.code == 2 and "CUDA is not available" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_run_matches_cpu_closely(tmp_path):
+    env = tiny_map(tmp_path)
+    flags = ["--env", env, *TINY, "--steps", "200", "--eval-every", "100"]
+    cpu = metricrl.main([*flags, "--device", "cpu", "--out", str(tmp_path / "cpu")])
+    gpu = metricrl.main([*flags, "--device", "cuda", "--out", str(tmp_path / "gpu")])
+    assert gpu["device"].startswith("cuda")
+    assert abs(gpu["monotonicity"] - cpu["monotonicity"]) < 0.1

@@ -9,7 +9,7 @@ Offline Data via Metric Learning", arXiv 2402.10820.
     python metricrl.py --load runs/maze-metricrl-s0/model.pt   # re-evaluate a checkpoint
 
 The file reads top to bottom in the paper's order: knobs (Args), offline data,
-the metric critic phi (Sec. 3.2), the value V = gamma^d and the advantage (Sec. 3.3),
+the metric critic phi (Sec. 3), the value V = gamma^d (Sec. 3.1) and the advantage,
 the weighted-imitation actor (Sec. 3.3), the exact evaluation, plots, main.
 
 Shapes: N free cells, B batch, F features per cell, k latent size, P (state, goal) pairs.
@@ -45,7 +45,7 @@ def knob(default, help):
 
 @dataclass
 class Args:
-    env: str = knob("maze", "map: open, rooms, maze, maze<N> (odd N >= 7) or a map file")
+    env: str = knob("maze", "map: open, rooms, maze, loops, maze<N> (odd N >= 7) or a map file")
     device: str = knob("auto", "auto, cpu, cuda or cuda:N")
     seed: int = knob(0, "seeds the data, the networks and the evaluation")
     # data
@@ -68,8 +68,7 @@ class Args:
     steps: int = knob(3000, "gradient steps in all")
     critic_only: float = knob(0.3, "share of the steps that train the critic alone")
     batch_size: int = knob(256, "transitions per gradient step")
-    lr: float = knob(1e-3, "Adam learning rate of the critic")
-    actor_lr: float = knob(3e-3, "Adam learning rate of the actor")
+    lr: float = knob(3e-3, "Adam learning rate (the actor's falls linearly to 0)")
     # outputs
     eval_every: int = knob(500, "exact evaluation every this many steps")
     out: str = knob("", "output folder (default runs/<env>-<algo>-s<seed>)")
@@ -122,7 +121,7 @@ def mlp(inputs, hidden, outputs):
                          nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, outputs))
 
 
-# ============================================================== 2. critic (paper Sec. 3.2)
+# ================================================================ 2. critic (paper Sec. 3)
 def critic_loss(z, z2, s, s2, lam, eps=1e-6):
     """The paper's contrastive metric loss on one batch of transitions.
 
@@ -144,7 +143,7 @@ def critic_loss(z, z2, s, s2, lam, eps=1e-6):
     return positive + lam * negative, {"positive": positive, "negative": negative}
 
 
-# ===================================================== 3. value and advantage (Sec. 3.3)
+# =========================================== 3. value (Sec. 3.1) and advantage (Sec. 3.3)
 def latent_distance(z, zg):
     """d_phi(s, g) = ||phi(s) - phi(g)||, row-wise: (..., k), (..., k) -> (...)."""
     return (z - zg).norm(dim=-1)
@@ -184,37 +183,39 @@ def actor_loss(logits, a, w):
 def train(env, data, x, critic, actor, args, evaluate_fn, log):
     """Critic alone for the first `critic_only` share of the steps, then both.
 
-    Every cell's embedding is computed once a step, Z = phi(x) (N, k), and a batch
+    Every cell's embedding is computed once a step, z = phi(x) (N, k), and a batch
     gathers its rows: the same numbers and gradients as phi on the batch, cheaper.
     Goals for the actor are dataset states drawn uniformly (any state, not the one the
     data was collected for: random data has none; the critic generalizes to all pairs).
+    The two losses share one backward pass: the weights w carry no gradient, so the
+    actor's loss does not move phi. The actor's learning rate falls linearly to 0 over
+    its steps, so the last policy is not a noisy iterate.
     """
-    opt_c = torch.optim.Adam(critic.parameters(), lr=args.lr, fused=True)
-    opt_a = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, fused=True)
+    opt = torch.optim.Adam([{"params": critic.parameters()}, {"params": actor.parameters()}],
+                           lr=args.lr, fused=True)
     m, b = len(data["s"]), args.batch_size
     actor_from = int(args.critic_only * args.steps)
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, [  # per group: critic, actor
+        lambda k: 1.0, lambda k: min(1.0, (args.steps - k) / max(1, args.steps - actor_from))])
     sums, count, start = {}, 0, time.time()
     for step in range(1, args.steps + 1):
         i = torch.randint(m, (b,), device=x.device)
         s, a, s2 = data["s"][i], data["a"][i], data["s2"][i]  # (B,)
         z = critic(x)  # (N, k)
-        loss_c, info = critic_loss(z[s], z[s2], s, s2, args.lam)
-        opt_c.zero_grad(set_to_none=True)
-        loss_c.backward()
-        opt_c.step()
-        info = {"critic_loss": loss_c.detach(), **{k: v.detach() for k, v in info.items()}}
+        loss, info = critic_loss(z[s], z[s2], s, s2, args.lam)
+        info["critic_loss"] = loss
         if step > actor_from:
             g = data["s"][torch.randint(m, (b,), device=x.device)]  # (B,) goals
-            with torch.no_grad():
-                z = critic(x)
-                w = advantage_weights(latent_distance(z[s], z[g]), latent_distance(z[s2], z[g]), args)
-            loss_a = actor_loss(actor_logits(actor, x, s, g), a, w)
-            opt_a.zero_grad(set_to_none=True)
-            loss_a.backward()
-            opt_a.step()
-            info["actor_loss"] = loss_a.detach()
+            zd = z.detach()
+            w = advantage_weights(latent_distance(zd[s], zd[g]), latent_distance(zd[s2], zd[g]), args)
+            info["actor_loss"] = actor_loss(actor_logits(actor, x, s, g), a, w)
+            loss = loss + info["actor_loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        decay.step()
         for k, v in info.items():  # summed on the device: no host sync per step
-            sums[k] = sums.get(k, 0) + v
+            sums[k] = sums.get(k, 0) + v.detach()
         count += 1
         if step % args.eval_every == 0 or step == args.steps:
             row = {"step": step, **{k: v.item() / count for k, v in sums.items()},
@@ -224,6 +225,10 @@ def train(env, data, x, critic, actor, args, evaluate_fn, log):
 
 
 # =========================================================== 5. evaluation (exact, BFS)
+METRICS = ("success_rate", "path_ratio", "optimal_action_rate", "value_greedy_rate",
+           "critic_success_rate", "spearman", "monotonicity")
+
+
 @torch.no_grad()
 def policy_table(actor, x, chunk=1 << 16):
     """Greedy actions argmax_a pi(a | s, g) for every pair: (N, N), in chunks of pairs."""
@@ -450,15 +455,16 @@ class UsageError(Exception):
 
 def parse_args(argv=None):
     """argparse from the Args dataclass: one flag per field, its comment as help."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.error = lambda message: fail(message)  # one line, exit 2 (no usage dump)
     for f in dataclasses.fields(Args):
         flag = "--" + f.name.replace("_", "-")
+        shown = "" if f.default == "" or f.default is False else f" (default: {f.default})"
         if f.type is bool:
             parser.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
-            parser.add_argument(flag, type=f.type, default=f.default, help=f.metadata["help"])
+            parser.add_argument(flag, type=f.type, default=f.default,
+                                help=f.metadata["help"] + shown)
     return Args(**vars(parser.parse_args(argv)))
 
 
@@ -529,30 +535,47 @@ def report(row, args):
           f"monotonicity {row['monotonicity']:.3f}", flush=True)
 
 
+def restore(args, device):
+    """--load: the checkpoint's agent and its arguments (keeping this run's output flags)."""
+    try:
+        agent = load_agent(args.load, device)
+    except Exception as e:  # missing, truncated or foreign file
+        raise UsageError(f"--load {args.load}: not a metricrl checkpoint "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    return agent, dataclasses.replace(agent.args, load=args.load, out=args.out,
+                                      device=args.device, quiet=args.quiet)
+
+
+def make_env(spec):
+    try:
+        return gridworld.GridWorld(spec)
+    except ValueError as e:
+        raise UsageError(f"--env {spec}: {e}") from None
+
+
+def write_log(path, history):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, list(dict.fromkeys(k for row in history for k in row)))
+        writer.writeheader()
+        writer.writerows(history)
+
+
 def run(args, start):
+    """Data -> critic and actor -> exact metrics -> files. Returns metrics.json's dict."""
     check_args(args)
     device = resolve_device(args.device)
-    if args.load:
-        try:
-            agent = load_agent(args.load, device)
-        except Exception as e:  # missing, truncated or foreign file
-            raise UsageError(f"--load {args.load}: not a metricrl checkpoint "
-                             f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-        args = dataclasses.replace(agent.args, load=args.load, out=args.out, device=args.device,
-                                   quiet=args.quiet)
-        env, x, critic, actor, history = agent.env, agent.x, agent.critic, agent.actor, agent.history
-    else:
-        try:
-            env = gridworld.GridWorld(args.env)
-        except ValueError as e:
-            raise UsageError(f"--env {args.env}: {e}") from None
+    agent, args = restore(args, device) if args.load else (None, args)
+    env = agent.env if agent else make_env(args.env)
     out, algo = output_dir(args)
     limit = gymnasium.spec("GridWorld-v0").max_episode_steps
     torch.manual_seed(args.seed)
-    data = collect_dataset(env, args, np.random.default_rng(args.seed))
-    data = {k: v.to(device) for k, v in data.items()}
+    data = {k: v.to(device) for k, v in
+            collect_dataset(env, args, np.random.default_rng(args.seed)).items()}
     truth = ground_truth(env, device)
-    if not args.load:
+    if agent:  # re-evaluate a checkpoint
+        x, critic, actor, history = agent.x, agent.critic, agent.actor, agent.history
+        metrics = evaluate(critic, actor, x, truth, limit)
+    else:
         x, critic, actor = build(env, args, device)
         history = []
         if not args.quiet:
@@ -561,13 +584,9 @@ def run(args, start):
         train(env, data, x, critic, actor, args,
               lambda: evaluate(critic, actor, x, truth, limit),
               lambda row: (history.append(row), report(row, args)))
+        metrics = {k: history[-1][k] for k in METRICS}  # training ends with an evaluation
         save_checkpoint(os.path.join(out, "model.pt"), env, args, critic, actor, history)
-        with open(os.path.join(out, "log.csv"), "w", newline="") as f:
-            keys = list(dict.fromkeys(k for row in history for k in row))
-            writer = csv.DictWriter(f, keys)
-            writer.writeheader()
-            writer.writerows(history)
-    metrics = evaluate(critic, actor, x, truth, limit)
+        write_log(os.path.join(out, "log.csv"), history)
     plot(os.path.join(out, "metricrl.png"), env, args, x, critic, actor, data, history)
     metrics.update(env=args.env, algo=algo, seed=args.seed, device=str(device),
                    steps=args.steps, seconds=round(time.time() - start, 2),
@@ -576,7 +595,7 @@ def run(args, start):
         json.dump(metrics, f, indent=2)
     print("\n".join([f"wrote {out}/ (metrics.json, log.csv, model.pt, metricrl.png) "
                      f"in {metrics['seconds']:.1f} s"] +
-                    [f"  {k:20s} {metrics[k]:.3f}" for k in list(metrics)[:7]]))
+                    [f"  {k:20s} {metrics[k]:.3f}" for k in METRICS]))
     return metrics
 
 

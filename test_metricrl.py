@@ -178,7 +178,7 @@ def test_border_is_optional_and_file_layouts_load(tmp_path):
 
 @pytest.mark.parametrize("spec, message", [
     ("no/such/map.txt", "file not found"),
-    ("castle", "unknown layout 'castle'; known: open, rooms, maze"),
+    ("castle", "unknown layout 'castle'; known: open, rooms, maze, loops"),
     ("maze8", "odd size"),
     ("....\n...\n....", "row 1 has 3 characters"),
     ("....\n.x..", "unknown character 'x' at row 1, column 1"),
@@ -274,13 +274,14 @@ def test_actor_with_perfect_critic_becomes_optimal():
     """On a corridor phi(cell i) = i is an exact embedding: d_phi = BFS distance."""
     env = GridWorld("##########\n#........#\n##########")
     args = Args(episodes=20, episode_len=30, steps=300, critic_only=0.0, eval_every=300,
-                batch_size=128, hidden=32, lr=0.0)  # lr 0: the critic stays perfect
+                batch_size=128, hidden=32)
     torch.manual_seed(0)
     data = metricrl.collect_dataset(env, args, np.random.default_rng(0))
     x, _, actor = metricrl.build(env, args, "cpu")
     critic = nn.Linear(len(env.cells), 1, bias=False)
     with torch.no_grad():
         critic.weight.copy_(torch.arange(8.0)[None])
+    critic.weight.requires_grad_(False)  # the critic stays perfect
     d = env.distance_matrix()
     z = critic(x).detach()
     assert torch.allclose(torch.cdist(z, z), torch.as_tensor(np.array(d), dtype=torch.float32))

@@ -67,7 +67,8 @@ class Args:
     # optimisation
     steps: int = knob(3000, "gradient steps in all")
     critic_only: float = knob(0.3, "share of the steps that train the critic alone")
-    batch_size: int = knob(256, "transitions per gradient step")
+    batch_size: int = knob(256, "B, transitions per critic step (the push compares B x B pairs)")
+    actor_batch: int = knob(1024, "(transition, goal) samples per actor step")
     lr: float = knob(3e-3, "Adam learning rate (the actor's falls linearly to 0)")
     # outputs
     eval_every: int = knob(500, "exact evaluation every this many steps")
@@ -180,6 +181,12 @@ def actor_loss(logits, a, w):
     return -(w * logp).mean()
 
 
+def sample(data, n):
+    """n dataset transitions drawn uniformly: s, a, s2, each (n,)."""
+    i = torch.randint(len(data["s"]), (n,), device=data["s"].device)
+    return data["s"][i], data["a"][i], data["s2"][i]
+
+
 def train(env, data, x, critic, actor, args, evaluate_fn, log):
     """Critic alone for the first `critic_only` share of the steps, then both.
 
@@ -193,19 +200,18 @@ def train(env, data, x, critic, actor, args, evaluate_fn, log):
     """
     opt = torch.optim.Adam([{"params": critic.parameters()}, {"params": actor.parameters()}],
                            lr=args.lr, fused=True)
-    m, b = len(data["s"]), args.batch_size
     actor_from = int(args.critic_only * args.steps)
     decay = torch.optim.lr_scheduler.LambdaLR(opt, [  # per group: critic, actor
         lambda k: 1.0, lambda k: min(1.0, (args.steps - k) / max(1, args.steps - actor_from))])
     sums, count, start = {}, 0, time.time()
     for step in range(1, args.steps + 1):
-        i = torch.randint(m, (b,), device=x.device)
-        s, a, s2 = data["s"][i], data["a"][i], data["s2"][i]  # (B,)
+        s, _, s2 = sample(data, args.batch_size)  # (B,)
         z = critic(x)  # (N, k)
         loss, info = critic_loss(z[s], z[s2], s, s2, args.lam)
         info["critic_loss"] = loss
         if step > actor_from:
-            g = data["s"][torch.randint(m, (b,), device=x.device)]  # (B,) goals
+            s, a, s2 = sample(data, args.actor_batch)  # (B_actor,)
+            g = sample(data, args.actor_batch)[0]  # (B_actor,) goals: random dataset states
             zd = z.detach()
             w = advantage_weights(latent_distance(zd[s], zd[g]), latent_distance(zd[s2], zd[g]), args)
             info["actor_loss"] = actor_loss(actor_logits(actor, x, s, g), a, w)
@@ -392,13 +398,18 @@ def plot(path, env, args, x, critic, actor, data, history):
     a_metrics.axvline(args.critic_only * args.steps, color="0.5", ls=":", label="actor starts")
     a_metrics.set(title="Exact metrics during training", xlabel="gradient step", ylim=(0, 1.02))
     a_metrics.legend(fontsize=8)
-    for key in ("positive", "negative", "actor_loss"):
+    a_actor = a_loss.twinx()  # the actor's loss on its own scale, at the right
+    for ax, key, label, color in ((a_loss, "positive", "critic: positive term", "C0"),
+                                  (a_loss, "negative", "critic: negative term", "C1"),
+                                  (a_actor, "actor_loss", "actor: weighted NLL (right axis)", "C2")):
         rows = [h for h in history if key in h]
-        a_loss.plot([h["step"] for h in rows], [h[key] for h in rows], marker="o", ms=3,
-                    label={"positive": "critic: positive term", "negative": "critic: negative term",
-                           "actor_loss": "actor: weighted NLL"}[key])
-    a_loss.set(title="Losses (mean since the last point)", xlabel="gradient step")
-    a_loss.legend(fontsize=8)
+        ax.plot([h["step"] for h in rows], [h[key] for h in rows], marker="o", ms=3,
+                color=color, label=label)
+    a_loss.set(title="Losses (mean since the last point)", xlabel="gradient step",
+               ylabel="critic loss terms")
+    a_actor.set_ylabel("actor loss")
+    (h1, l1), (h2, l2) = a_loss.get_legend_handles_labels(), a_actor.get_legend_handles_labels()
+    a_actor.legend(h1 + h2, l1 + l2, fontsize=8)
     fig.suptitle(f"MetricRL on '{args.env}' ({len(env.cells)} cells), goal g = ({gr}, {gc}), "
                  f"{args.episodes}×{args.episode_len} steps of data, ε = {args.epsilon}",
                  fontsize=14)
@@ -475,7 +486,8 @@ def fail(message):
 
 def check_args(args):
     """Raise UsageError for values the run cannot use."""
-    for name in ("steps", "episodes", "episode_len", "batch_size", "eval_every", "latent", "hidden"):
+    for name in ("steps", "episodes", "episode_len", "batch_size", "actor_batch", "eval_every",
+                 "latent", "hidden"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if not 0 <= args.epsilon <= 1:

@@ -172,6 +172,7 @@ def load_layout(spec):
 
     Cells outside the map count as walls, so a border of '#' is optional.
     """
+    spec = os.fspath(spec)  # a str, or a pathlib.Path
     if "\n" in spec:
         text = spec
     elif spec in LAYOUTS:

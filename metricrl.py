@@ -114,7 +114,7 @@ def cell_features(env, kind):
     if kind == "onehot":
         return torch.eye(len(env.cells))
     size = torch.tensor([env.height - 1, env.width - 1], dtype=torch.float32)
-    return 2 * torch.as_tensor(env.cells, dtype=torch.float32) / size.clamp(min=1) - 1
+    return 2 * torch.tensor(env.cells, dtype=torch.float32) / size.clamp(min=1) - 1
 
 
 def mlp(inputs, hidden, outputs):
@@ -318,7 +318,6 @@ def evaluate(critic, actor, x, truth, limit):
     }
 
 
-
 # ========================================================================= 6. plots
 def grid_image(env, values):
     """Values per cell (N,) -> (H, W) array for imshow, walls masked."""
@@ -336,7 +335,7 @@ def show_map(fig, ax, env, values, title, cmap="viridis", label="", **kw):
     ax.set_yticks([])
 
 
-def plot(path, env, args, x, critic, actor, data, history):
+def plot(path, env, args, x, critic, actor, data, history, metrics):
     """One figure: value, policy and data on the map; distances, embedding, curves."""
     with torch.no_grad():
         z = critic(x)
@@ -409,10 +408,12 @@ def plot(path, env, args, x, critic, actor, data, history):
                ylabel="critic loss terms")
     a_actor.set_ylabel("actor loss")
     (h1, l1), (h2, l2) = a_loss.get_legend_handles_labels(), a_actor.get_legend_handles_labels()
-    a_actor.legend(h1 + h2, l1 + l2, fontsize=8)
-    fig.suptitle(f"MetricRL on '{args.env}' ({len(env.cells)} cells), goal g = ({gr}, {gc}), "
-                 f"{args.episodes}×{args.episode_len} steps of data, ε = {args.epsilon}",
-                 fontsize=14)
+    a_actor.legend(h1 + h2, l1 + l2, fontsize=8, loc="center right")
+    fig.suptitle(f"MetricRL on '{args.env}' ({len(env.cells)} cells, {args.episodes}×"
+                 f"{args.episode_len} steps of data, ε = {args.epsilon}). Over all pairs: success "
+                 f"{metrics['success_rate']:.3f}, critic success {metrics['critic_success_rate']:.3f}"
+                 f", monotonicity {metrics['monotonicity']:.3f}. Top row: one far goal g = "
+                 f"({gr}, {gc})", fontsize=13)
     fig.tight_layout()
     fig.savefig(path, dpi=70)
     plt.close(fig)
@@ -599,7 +600,7 @@ def run(args, start):
         metrics = {k: history[-1][k] for k in METRICS}  # training ends with an evaluation
         save_checkpoint(os.path.join(out, "model.pt"), env, args, critic, actor, history)
         write_log(os.path.join(out, "log.csv"), history)
-    plot(os.path.join(out, "metricrl.png"), env, args, x, critic, actor, data, history)
+    plot(os.path.join(out, "metricrl.png"), env, args, x, critic, actor, data, history, metrics)
     metrics.update(env=args.env, algo=algo, seed=args.seed, device=str(device),
                    steps=args.steps, seconds=round(time.time() - start, 2),
                    dataset=coverage(env, data))

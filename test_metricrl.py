@@ -174,6 +174,7 @@ def test_border_is_optional_and_file_layouts_load(tmp_path):
     path.write_text(RING + "\n")
     env = GridWorld(str(path))
     assert env.distance_matrix().tolist() == RING_DISTANCES
+    assert load_layout(path) == load_layout(RING)  # a pathlib.Path works too
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -64,7 +64,8 @@ class Args:
                                  "linear: w = V(s') - V(s) with V = -d (the authors' code)")
     beta: float = knob(6.0, "inverse temperature of the exp weights")
     w_max: float = knob(100.0, "clip of the exp weights")
-    # optimisation
+    # optimisation (the authors: Adam 1e-3, batch 256, 100 epochs x 500 batches, critic
+    # alone for 10 epochs; these converge in 3000 steps on every map here, see README)
     steps: int = knob(3000, "gradient steps in all")
     critic_only: float = knob(0.3, "share of the steps that train the critic alone")
     batch_size: int = knob(256, "B, transitions per critic step (the push compares B x B pairs)")
@@ -110,7 +111,10 @@ def coverage(env, data):
 
 
 def cell_features(env, kind):
-    """(N, F) features of every cell: one-hot (F = N) or (row, col) scaled to [-1, 1]."""
+    """(N, F) features of every cell: one-hot (F = N) or (row, col) scaled to [-1, 1].
+
+    One-hot lets phi place every cell freely; with xy, phi must fold the plane around
+    the walls (measured in the README: critic success 0.76 instead of 0.89 on maze)."""
     if kind == "onehot":
         return torch.eye(len(env.cells))
     size = torch.tensor([env.height - 1, env.width - 1], dtype=torch.float32)
@@ -118,6 +122,8 @@ def cell_features(env, kind):
 
 
 def mlp(inputs, hidden, outputs):
+    """Two hidden ReLU layers. The authors use residual blocks of width 64 for phi (k = 128)
+    and width 32 for pi; here the actor must hold a policy for all N^2 (s, g) pairs."""
     return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(),
                          nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, outputs))
 

@@ -47,7 +47,7 @@ def knob(default, help):
 class Args:
     env: str = knob("maze", "map: open, rooms, maze, loops, maze<N> (odd N >= 7) or a map file")
     device: str = knob("auto", "auto, cpu, cuda or cuda:N")
-    seed: int = knob(0, "seeds the data, the networks and the evaluation")
+    seed: int = knob(0, "seeds the data and the networks (the evaluation is exact)")
     # data
     episodes: int = knob(200, "offline trajectories")
     episode_len: int = knob(100, "steps per trajectory (the authors' MiniGrid setting)")
@@ -74,7 +74,8 @@ class Args:
     # outputs
     eval_every: int = knob(500, "exact evaluation every this many steps")
     out: str = knob("", "output folder (default runs/<env>-<algo>-s<seed>)")
-    load: str = knob("", "re-evaluate this model.pt and redraw its figure; no training")
+    load: str = knob("", "re-evaluate this model.pt, rewrite metrics.json and metricrl.png "
+                          "beside it (or in --out); no training")
     quiet: bool = knob(False, "no progress lines")
 
 
@@ -128,6 +129,14 @@ def mlp(inputs, hidden, outputs):
                          nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, outputs))
 
 
+def build(env, args, device):
+    """Features and fresh networks phi: F -> k and pi: 2F -> 4 logits."""
+    x = cell_features(env, args.features).to(device)
+    critic = mlp(x.shape[1], args.hidden, args.latent).to(device)
+    actor = mlp(2 * x.shape[1], args.hidden, 4).to(device)
+    return x, critic, actor
+
+
 # ================================================================ 2. critic (paper Sec. 3)
 def critic_loss(z, z2, s, s2, lam, eps=1e-6):
     """The paper's contrastive metric loss on one batch of transitions.
@@ -135,8 +144,9 @@ def critic_loss(z, z2, s, s2, lam, eps=1e-6):
     z, z2: (B, k) embeddings phi(s_i), phi(s'_i); s, s2: (B,) their cell indices.
       positive = mean_i (||phi(s'_i) - phi(s_i)|| - 1)^2      over transitions that moved
       negative = mean_{i != j} -log(||phi(s_i) - phi(s'_j)|| + eps)   over different cells
-    The positive distance is row-wise, (B,) -> (B,). The authors' code calls torch.cdist
-    on (B, 1, k) and (B, k), which broadcasts to all B x B pairs; the paper means row-wise.
+    The positive distance is row-wise, (B, k), (B, k) -> (B,). The authors' code calls
+    torch.cdist on (B, 1, k) and (B, k), which broadcasts to all B x B pairs; the paper
+    means row-wise.
     A wall bump (s' = s) has true distance 0 and is never pulled to 1. Pairs of the same
     cell are left out of the push: their distance is 0 by construction.
     """
@@ -164,7 +174,7 @@ def value(d, gamma):
 def advantage_weights(d, d2, args):
     """Weights of the imitation loss from d = d_phi(s, g), d2 = d_phi(s', g), each (B,).
 
-    A = d - d2 is the progress towards g in steps, log_gamma(V(s', g) / V(s, g)), so it
+    A = d - d2 is the progress towards g in steps, log_gamma(V(s, g) / V(s', g)), so it
     does not shrink with gamma^d far from the goal. exp: w = min(exp(beta A), w_max),
     clipped so that one outlier cannot dominate a batch. linear: the authors' code,
     w = V(s') - V(s) with V = -d, which is the same A, unclipped and possibly negative.
@@ -209,7 +219,7 @@ def train(env, data, x, critic, actor, args, evaluate_fn, log):
     actor_from = int(args.critic_only * args.steps)
     decay = torch.optim.lr_scheduler.LambdaLR(opt, [  # per group: critic, actor
         lambda k: 1.0, lambda k: min(1.0, (args.steps - k) / max(1, args.steps - actor_from))])
-    sums, count, start = {}, 0, time.time()
+    sums, counts, tick = {}, {}, time.time()
     for step in range(1, args.steps + 1):
         s, _, s2 = sample(data, args.batch_size)  # (B,)
         z = critic(x)  # (N, k)
@@ -227,18 +237,24 @@ def train(env, data, x, critic, actor, args, evaluate_fn, log):
         opt.step()
         decay.step()
         for k, v in info.items():  # summed on the device: no host sync per step
-            sums[k] = sums.get(k, 0) + v.detach()
-        count += 1
+            sums[k], counts[k] = sums.get(k, 0) + v.detach(), counts.get(k, 0) + 1
         if step % args.eval_every == 0 or step == args.steps:
-            row = {"step": step, **{k: v.item() / count for k, v in sums.items()},
-                   "steps_per_s": step / (time.time() - start), **evaluate_fn()}
-            log(row)
-            sums, count = {}, 0
+            row = {"step": step, **{k: v.item() / counts[k] for k, v in sums.items()},
+                   "steps_per_s": counts["critic_loss"] / (time.time() - tick)}
+            log({**row, **evaluate_fn()})
+            sums, counts, tick = {}, {}, time.time()
 
 
 # =========================================================== 5. evaluation (exact, BFS)
 METRICS = ("success_rate", "path_ratio", "optimal_action_rate", "value_greedy_rate",
            "critic_success_rate", "spearman", "monotonicity")
+
+
+def ground_truth(env, device):
+    """The BFS truth as tensors: nxt (N, 4), d (N, N), opt (N, N, 4)."""
+    return {"nxt": torch.as_tensor(np.array(env.transitions()), device=device),
+            "d": torch.as_tensor(np.array(env.distance_matrix()), device=device).long(),
+            "opt": torch.as_tensor(np.array(env.optimal_actions()), device=device)}
 
 
 @torch.no_grad()
@@ -358,11 +374,13 @@ def plot(path, env, args, x, critic, actor, data, history, metrics):
 
     v, v_true = value(dz[:, goal], args.gamma), args.gamma ** d[:, goal].astype(float)
     low = min(v.min(), v_true[d[:, goal] >= 0].min())  # one colour scale for both
-    show_map(fig, a_v, env, v, "Learned V(s, g) = γ^{d_φ(s, g)}", vmin=low, vmax=1, label="V")
+    show_map(fig, a_v, env, v, r"Learned $V(s, g) = \gamma^{d_\phi(s, g)}$", vmin=low, vmax=1,
+             label="V")
     show_map(fig, a_true, env, np.where(d[:, goal] >= 0, v_true, np.nan),
-             "True optimal V*(s, g) = γ^{d(s, g)}", vmin=low, vmax=1, label="V*")
+             r"True optimal $V^*(s, g) = \gamma^{d(s, g)}$", vmin=low, vmax=1, label="V*")
     fails = ~reached[:, goal] & (d[:, goal] > 0)
-    show_map(fig, a_pi, env, d[:, goal], f"Greedy π(·|s, g): {fails.sum()} of "
+    to_goal = np.where(d[:, goal] >= 0, d[:, goal], np.nan)  # (N,) unreachable cells blank
+    show_map(fig, a_pi, env, to_goal, f"Greedy π(·|s, g): {fails.sum()} of "
              f"{(d[:, goal] > 0).sum()} cells fail (×)", cmap="Blues_r", label="true distance to g")
     move = gridworld.MOVES[pi[:, goal]]  # (N, 2) (d_row, d_col) of each cell's action
     a_pi.quiver(env.cells[:, 1], env.cells[:, 0], move[:, 1], move[:, 0], angles="xy",
@@ -372,7 +390,7 @@ def plot(path, env, args, x, critic, actor, data, history, metrics):
     show_map(fig, a_data, env, visits, f"Offline data: visits per cell (ε = {args.epsilon})",
              cmap="magma", label="visits")
     for ax in (a_v, a_true, a_pi, a_data):
-        ax.plot(gc, gr, "*", color="gold", ms=16, mec="k", label="goal g")
+        ax.plot(gc, gr, "*", color="white", ms=18, mec="k", label="goal g")
     a_v.legend(loc="lower right", fontsize=8)
 
     pairs = d > 0  # learned vs true distance over all reachable pairs
@@ -388,11 +406,11 @@ def plot(path, env, args, x, critic, actor, data, history, metrics):
 
     centred = z - z.mean(0)
     xy = centred @ np.linalg.svd(centred, full_matrices=False)[2][:2].T  # (N, 2) PCA
-    tn = env.transitions()
-    edges = np.array([(i, j) for i, j in zip(np.repeat(np.arange(len(tn)), 4), tn.ravel()) if i < j])
-    a_pca.plot(xy[edges.T, 0], xy[edges.T, 1], color="0.8", lw=0.8, zorder=0)
-    sc = a_pca.scatter(xy[:, 0], xy[:, 1], c=d[:, goal], cmap="viridis", s=18)
-    a_pca.plot(*xy[goal], "*", color="gold", ms=16, mec="k")
+    i, j = np.repeat(np.arange(len(env.cells)), 4), env.transitions().ravel()  # all moves
+    edges = np.stack([i[i < j], j[i < j]])  # (2, E), each neighbour pair once
+    a_pca.plot(xy[edges, 0], xy[edges, 1], color="0.8", lw=0.8, zorder=0)
+    sc = a_pca.scatter(xy[:, 0], xy[:, 1], c=to_goal, cmap="viridis", s=18, plotnonfinite=True)
+    a_pca.plot(*xy[goal], "*", color="white", ms=18, mec="k")
     fig.colorbar(sc, ax=a_pca, fraction=0.046, pad=0.03, label="true distance to g")
     a_pca.set(title="φ(s) projected on 2 principal axes (lines: moves)", xlabel="PC 1",
               ylabel="PC 2")
@@ -494,11 +512,22 @@ def fail(message):
 def check_args(args):
     """Raise UsageError for values the run cannot use."""
     for name in ("steps", "episodes", "episode_len", "batch_size", "actor_batch", "eval_every",
-                 "latent", "hidden"):
+                 "hidden"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be 0 or more, got {args.seed}")
+    for name in ("lr", "w_max"):
+        if not getattr(args, name) > 0:  # also catches nan
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("lam", "beta"):
+        if not getattr(args, name) >= 0:
+            raise UsageError(f"--{name} must be 0 or more, got {getattr(args, name)}")
     if not 0 <= args.epsilon <= 1:
         raise UsageError(f"--epsilon must be in [0, 1], got {args.epsilon}")
+    if args.latent < 2:
+        raise UsageError(f"--latent must be 2 or more (the figure projects phi on 2 axes), "
+                         f"got {args.latent}")
     if not 0 <= args.critic_only < 1:
         raise UsageError(f"--critic-only must be in [0, 1), got {args.critic_only}")
     if not 0 < args.gamma <= 1:
@@ -531,10 +560,10 @@ def resolve_device(name):
 def output_dir(args):
     algo = "metricrl" if args.weighting == "exp" else "metricrl-linear"
     name = os.path.splitext(os.path.basename(args.env))[0]
-    out = args.out or (os.path.dirname(args.load) if args.load else
+    out = args.out or (os.path.dirname(args.load) or "." if args.load else
                        os.path.join("runs", f"{name}-{algo}-s{args.seed}"))
     try:
-        os.makedirs(out or ".", exist_ok=True)
+        os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, ".write-test"), "w"):
             pass
         os.remove(os.path.join(out, ".write-test"))
@@ -567,9 +596,12 @@ def restore(args, device):
 
 def make_env(spec):
     try:
-        return gridworld.GridWorld(spec)
+        env = gridworld.GridWorld(spec)
     except ValueError as e:
-        raise UsageError(f"--env {spec}: {e}") from None
+        raise UsageError(str(e) if spec in str(e) else f"--env {spec}: {e}") from None
+    if not (env.distance_matrix() > 0).any():
+        raise UsageError(f"--env {spec}: no free cell can reach another one")
+    return env
 
 
 def write_log(path, history):
@@ -612,25 +644,10 @@ def run(args, start):
                    dataset=coverage(env, data))
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
-    print("\n".join([f"wrote {out}/ (metrics.json, log.csv, model.pt, metricrl.png) "
-                     f"in {metrics['seconds']:.1f} s"] +
+    files = "metrics.json, metricrl.png" + ("" if agent else ", log.csv, model.pt")
+    print("\n".join([f"wrote {os.path.join(out, '')} ({files}) in {metrics['seconds']:.1f} s"] +
                     [f"  {k:20s} {metrics[k]:.3f}" for k in METRICS]))
     return metrics
-
-
-def ground_truth(env, device):
-    """The BFS truth as tensors: nxt (N, 4), d (N, N), opt (N, N, 4)."""
-    return {"nxt": torch.as_tensor(np.array(env.transitions()), device=device),
-            "d": torch.as_tensor(np.array(env.distance_matrix()), device=device).long(),
-            "opt": torch.as_tensor(np.array(env.optimal_actions()), device=device)}
-
-
-def build(env, args, device):
-    """Features and fresh networks phi: F -> k and pi: 2F -> 4 logits."""
-    x = cell_features(env, args.features).to(device)
-    critic = mlp(x.shape[1], args.hidden, args.latent).to(device)
-    actor = mlp(2 * x.shape[1], args.hidden, 4).to(device)
-    return x, critic, actor
 
 
 def main(argv=None, start=None):

@@ -271,6 +271,22 @@ def test_critic_learns_to_order_distances_on_a_tiny_map():
     assert rows[-1]["spearman"] > 0.8 and rows[-1]["monotonicity"] > 0.8
 
 
+def test_logged_losses_average_only_the_steps_that_computed_them():
+    """The actor starts at step 90 of 100: its logged loss is the mean of 10 steps, not 100."""
+    env = GridWorld(ROOM)
+    logged = []
+    for critic_only in (0.0, 0.9):
+        args = Args(episodes=20, episode_len=30, steps=100, critic_only=critic_only,
+                    eval_every=100, batch_size=64, hidden=32, lr=0.0)  # lr 0: losses stay put
+        torch.manual_seed(0)
+        data = metricrl.collect_dataset(env, args, np.random.default_rng(0))
+        x, critic, actor = metricrl.build(env, args, "cpu")
+        rows = []
+        metricrl.train(env, data, x, critic, actor, args, lambda: {}, rows.append)
+        logged.append(rows[-1]["actor_loss"])
+    assert logged[1] == pytest.approx(logged[0], rel=0.3)
+
+
 def test_actor_with_perfect_critic_becomes_optimal():
     """On a corridor phi(cell i) = i is an exact embedding: d_phi = BFS distance."""
     env = GridWorld("##########\n#........#\n##########")
@@ -372,12 +388,18 @@ def test_end_to_end_outputs_reload_and_same_seed(tmp_path):
     (["--load", "FILE"], "not a metricrl checkpoint"),
     (["--features", "pixels"], "--features must be onehot or xy"),
     (["--steps", "many"], "invalid int value"),
+    (["--seed", "-1"], "--seed must be 0 or more"),
+    (["--lr", "nan"], "--lr must be positive"),
+    (["--latent", "1"], "--latent must be 2 or more"),
+    (["--env", "SPLITMAP"], "no free cell can reach another one"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, flags, message):
-    bad_map, a_file = tmp_path / "bad.txt", tmp_path / "file"
+    bad_map, a_file, split = tmp_path / "bad.txt", tmp_path / "file", tmp_path / "split.txt"
     bad_map.write_text("#..#\n#.x#")
+    split.write_text("#####\n#.#.#\n#####")
     a_file.write_text("not a checkpoint")
-    flags = [f.replace("BADMAP", str(bad_map)).replace("FILE", str(a_file)) for f in flags]
+    flags = [f.replace("BADMAP", str(bad_map)).replace("FILE", str(a_file))
+             .replace("SPLITMAP", str(split)) for f in flags]
     with pytest.raises(SystemExit) as exit_info:
         metricrl.main([*flags, "--out", str(tmp_path / "out"), "--quiet"] if "--out" not in flags
                       else [*flags, "--quiet"])

@@ -129,11 +129,31 @@ def mlp(inputs, hidden, outputs):
                          nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, outputs))
 
 
+class Actor(nn.Module):
+    """pi(a | s, g): the same MLP on the concatenated features [x_s, x_g] -> 4 logits.
+
+    Its first layer is W [x_s; x_g] + b = W_s x_s + W_g x_g + b, so, like phi, it runs once
+    per cell and a batch of pairs gathers rows: the same function, without B x 2F inputs.
+    """
+
+    def __init__(self, features, hidden):
+        super().__init__()
+        self.s_in = nn.Linear(features, hidden)  # W_s, b
+        self.g_in = nn.Linear(features, hidden, bias=False)  # W_g
+        self.body = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                  nn.Linear(hidden, 4))
+
+    def forward(self, x, s, g):
+        """x (N, F) features of all cells; s, g (B,) cell indices -> logits (B, 4)."""
+        # index_select, not [s]: the same rows, with a faster backward on CPU
+        return self.body(self.s_in(x).index_select(0, s) + self.g_in(x).index_select(0, g))
+
+
 def build(env, args, device):
-    """Features and fresh networks phi: F -> k and pi: 2F -> 4 logits."""
+    """Features and fresh networks phi: F -> k and pi: (s, g) -> 4 logits."""
     x = cell_features(env, args.features).to(device)
     critic = mlp(x.shape[1], args.hidden, args.latent).to(device)
-    actor = mlp(2 * x.shape[1], args.hidden, 4).to(device)
+    actor = Actor(x.shape[1], args.hidden).to(device)
     return x, critic, actor
 
 
@@ -186,11 +206,6 @@ def advantage_weights(d, d2, args):
 
 
 # ================================================================ 4. actor (Sec. 3.3)
-def actor_logits(actor, x, s, g):
-    """pi(. | s, g) as logits (B, 4), from the features x (N, F) of cells s, g (B,)."""
-    return actor(torch.cat([x[s], x[g]], dim=-1))
-
-
 def actor_loss(logits, a, w):
     """Advantage-weighted imitation: -mean_i w_i log pi(a_i | s_i, g_i); w has no gradient."""
     logp = F.log_softmax(logits, dim=-1).gather(1, a[:, None]).squeeze(1)  # (B,)
@@ -230,7 +245,7 @@ def train(env, data, x, critic, actor, args, evaluate_fn, log):
             g = sample(data, args.actor_batch)[0]  # (B_actor,) goals: random dataset states
             zd = z.detach()
             w = advantage_weights(latent_distance(zd[s], zd[g]), latent_distance(zd[s2], zd[g]), args)
-            info["actor_loss"] = actor_loss(actor_logits(actor, x, s, g), a, w)
+            info["actor_loss"] = actor_loss(actor(x, s, g), a, w)
             loss = loss + info["actor_loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -262,7 +277,7 @@ def policy_table(actor, x, chunk=1 << 16):
     """Greedy actions argmax_a pi(a | s, g) for every pair: (N, N), in chunks of pairs."""
     n = len(x)
     pairs = torch.arange(n * n, device=x.device)
-    return torch.cat([actor_logits(actor, x, p // n, p % n).argmax(-1)
+    return torch.cat([actor(x, p // n, p % n).argmax(-1)
                       for p in pairs.split(chunk)]).view(n, n)
 
 
@@ -459,7 +474,7 @@ class Agent:
     def act(self, states, goals):
         """-> (B,) int array of greedy actions argmax_a pi(a | s, g)."""
         s, g = (torch.as_tensor(self.cell_indices(c), device=self.x.device) for c in (states, goals))
-        return actor_logits(self.actor, self.x, s, g).argmax(-1).cpu().numpy()
+        return self.actor(self.x, s, g).argmax(-1).cpu().numpy()
 
     def cell_indices(self, rc):
         rc = np.asarray(rc).reshape(-1, 2)

@@ -215,15 +215,26 @@ def truth(env):
 
 
 class TableActor(nn.Module):
-    """A 'network' that reads (s, g) back from one-hot features and returns fixed logits."""
+    """A 'policy network' that returns fixed logits from a table (N, N, 4)."""
 
-    def __init__(self, logits):  # logits (N, N, 4)
+    def __init__(self, logits):
         super().__init__()
         self.logits = logits
 
-    def forward(self, sg):  # (B, 2N) one-hot of s and g -> (B, 4)
-        n = sg.shape[1] // 2
-        return self.logits[sg[:, :n].argmax(1), sg[:, n:].argmax(1)]
+    def forward(self, x, s, g):  # (N, F), (B,), (B,) -> (B, 4)
+        return self.logits[s, g]
+
+
+def test_actor_first_layer_split_equals_an_mlp_on_concatenated_features():
+    x = torch.randn(6, 3)
+    actor = metricrl.Actor(3, 8)
+    s, g = torch.tensor([0, 5, 2]), torch.tensor([1, 1, 4])
+    layer = nn.Linear(6, 8)
+    with torch.no_grad():
+        layer.weight.copy_(torch.cat([actor.s_in.weight, actor.g_in.weight], dim=1))
+        layer.bias.copy_(actor.s_in.bias)
+    expected = actor.body(layer(torch.cat([x[s], x[g]], dim=1)))  # (3, 4)
+    assert torch.allclose(actor(x, s, g), expected, atol=1e-6)
 
 
 def test_critic_loss_shapes_and_hand_computed_value():

@@ -344,14 +344,38 @@ def test_metrics_of_optimal_random_and_looping_policies():
     assert looping["success_rate"] < 0.5
 
 
-def test_rollout_counts_loops_as_failures_and_stops_early_exactly():
+def full_rollout(table, nxt, limit):
+    """Reference: every pair walks all `limit` steps (or until it arrives), no shortcuts."""
+    n = len(table)
+    pos, goal = torch.arange(n)[:, None].expand(n, n), torch.arange(n).expand(n, n)
+    done, steps = pos == goal, torch.zeros(n, n, dtype=torch.long)
+    for _ in range(limit):
+        pos = torch.where(done, pos, nxt[pos, table[pos, goal]])
+        steps += ~done
+        done = done | (pos == goal)
+    return done, steps
+
+
+def test_rollout_counts_loops_as_failures():
     env = GridWorld(RING)
     nxt = torch.as_tensor(np.array(env.transitions()))
     table = torch.ones(10, 10, dtype=torch.long)  # always right
     reached, steps = metricrl.rollout(table, nxt, 1000)
     assert not reached[0, 4] and reached[0, 3] and steps[0, 3] == 3  # (0,0) -> (0,3)
-    full = metricrl.rollout(table, nxt, 10_000)
-    assert (reached == full[0]).all() and (steps == full[1]).all()
+
+
+@pytest.mark.parametrize("layout", ["rooms", "maze"])
+def test_early_stopped_rollouts_match_full_length_ones(layout):
+    env = GridWorld(layout)
+    nxt, opt = torch.as_tensor(np.array(env.transitions())), torch.as_tensor(np.array(env.optimal_actions()))
+    torch.manual_seed(0)
+    noisy = torch.where(torch.rand(opt.shape[:2]) < 0.1, torch.randint(4, opt.shape[:2]),
+                        opt.float().argmax(-1))  # mostly optimal: long paths and loops
+    for table in (noisy, torch.randint(4, opt.shape[:2])):
+        reached, steps = metricrl.rollout(table, nxt, 300)
+        ref_reached, ref_steps = full_rollout(table, nxt, 300)
+        assert (reached == ref_reached).all() and (steps[reached] == ref_steps[reached]).all()
+        assert 0.01 < reached.float().mean() < 0.99  # both outcomes occur
 
 
 def test_spearman_and_monotonicity_of_the_truth_are_one():

@@ -77,6 +77,8 @@ class Args:
     load: str = knob("", "re-evaluate this model.pt, rewrite metrics.json and metricrl.png "
                           "beside it (or in --out); no training")
     quiet: bool = knob(False, "no progress lines")
+    bench: bool = knob(False, "benchmark: training steps/s at several batch sizes and "
+                              "evaluation pairs/s on --device, written to bench.json")
 
 
 # ============================================================================ 1. data
@@ -632,10 +634,64 @@ def write_log(path, history):
         writer.writerows(history)
 
 
+def peak_memory(device):
+    """Peak resident memory of this process (and peak GPU memory on CUDA), in MiB."""
+    peak = {}
+    try:
+        import resource  # not on Windows
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        peak["peak_memory_mb"] = round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        peak["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return peak
+
+
+def benchmark(args, device, out):
+    """--bench: training steps/s at three batch sizes, then evaluation pairs/s."""
+    env = make_env(args.env)
+    data = {k: v.to(device) for k, v in
+            collect_dataset(env, args, np.random.default_rng(args.seed)).items()}
+    truth = ground_truth(env, device)
+    limit = gymnasium.spec("GridWorld-v0").max_episode_steps
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    result = {"device": str(device), "device_name": name, "env": args.env,
+              "cells": len(env.cells), "threads": torch.get_num_threads(), "train": []}
+    for b in (64, 256, 1024):  # critic batch B (B x B push); actor batch 4 B
+        x, critic, actor = build(env, args, device)
+        steps = min(args.steps, 300)
+        for n in (10, steps):  # a warm-up, then the timed run
+            timed = dataclasses.replace(args, batch_size=b, actor_batch=4 * b, steps=n,
+                                        critic_only=0.0, eval_every=n)
+            sync()
+            t = time.time()
+            train(env, data, x, critic, actor, timed, lambda: {}, lambda row: None)
+            sync()
+        result["train"].append({"batch_size": b, "actor_batch": 4 * b,
+                                "steps_per_s": round(steps / (time.time() - t), 1)})
+        print(f"train  batch {b:5d} (actor {4 * b:5d}): {result['train'][-1]['steps_per_s']:8.1f} "
+              f"steps/s on {name}", flush=True)
+    sync()
+    t = time.time()
+    evaluate(critic, actor, x, truth, limit)
+    sync()
+    result["eval_pairs_per_s"] = round(len(env.cells) ** 2 / (time.time() - t))
+    print(f"evaluate {len(env.cells) ** 2} pairs: {result['eval_pairs_per_s']:,} pairs/s "
+          f"(untrained networks: short rollouts)")
+    with open(os.path.join(out, "bench.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {os.path.join(out, 'bench.json')}")
+    return result
+
+
 def run(args, start):
     """Data -> critic and actor -> exact metrics -> files. Returns metrics.json's dict."""
     check_args(args)
     device = resolve_device(args.device)
+    if args.bench:
+        return benchmark(args, device, output_dir(args)[0])
     agent, args = restore(args, device) if args.load else (None, args)
     env = agent.env if agent else make_env(args.env)
     out, algo = output_dir(args)
@@ -662,7 +718,7 @@ def run(args, start):
     plot(os.path.join(out, "metricrl.png"), env, args, x, critic, actor, data, history, metrics)
     metrics.update(env=args.env, algo=algo, seed=args.seed, device=str(device),
                    steps=args.steps, seconds=round(time.time() - start, 2),
-                   dataset=coverage(env, data))
+                   dataset=coverage(env, data), **peak_memory(device))
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     files = "metrics.json, metricrl.png" + ("" if agent else ", log.csv, model.pt")

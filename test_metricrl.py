@@ -400,7 +400,8 @@ def test_end_to_end_outputs_reload_and_same_seed(tmp_path):
     assert saved["env"] == env and saved["steps"] == 60 and saved["device"] == "cpu"
     assert (tmp_path / "a" / "log.csv").read_text().count("\n") == 3  # header + 2 evaluations
     m2 = metricrl.main(["--env", env, "--out", str(tmp_path / "b"), *TINY])
-    drop = lambda m: {k: v for k, v in m.items() if k != "seconds"}  # noqa: E731
+    assert saved["peak_memory_mb"] > 0
+    drop = lambda m: {k: v for k, v in m.items() if k not in ("seconds", "peak_memory_mb")}  # noqa: E731
     assert drop(m1) == drop(m2)
     m3 = metricrl.main(["--load", str(tmp_path / "a" / "model.pt"), "--out", str(tmp_path / "c"),
                         "--quiet"])
@@ -410,6 +411,15 @@ def test_end_to_end_outputs_reload_and_same_seed(tmp_path):
     assert actions.shape == (2,) and set(actions.tolist()) <= {0, 1, 2, 3}
     with pytest.raises(ValueError, match="not a free cell"):
         agent.act(np.array([[0, 0]]), np.array([[1, 1]]))
+
+
+def test_bench_writes_positive_figures(tmp_path):
+    out = tmp_path / "bench"
+    metricrl.main(["--bench", "--env", tiny_map(tmp_path), "--steps", "5", "--episodes", "10",
+                   "--episode-len", "20", "--hidden", "16", "--out", str(out)])
+    bench = json.loads((out / "bench.json").read_text())
+    assert bench["device"] == "cpu" and [r["batch_size"] for r in bench["train"]] == [64, 256, 1024]
+    assert all(r["steps_per_s"] > 0 for r in bench["train"]) and bench["eval_pairs_per_s"] > 0
 
 
 @pytest.mark.parametrize("flags, message", [

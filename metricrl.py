@@ -68,7 +68,8 @@ class Args:
     # alone for 10 epochs; these converge in 3000 steps on every map here, see README)
     steps: int = knob(3000, "gradient steps in all")
     critic_only: float = knob(0.3, "share of the steps that train the critic alone")
-    batch_size: int = knob(256, "B, transitions per critic step (the push compares B x B pairs)")
+    batch_size: int = knob(256, "B, transitions per critic step (the push compares B x B "
+                                "pairs); 0: the whole dataset, summed per pair of cells")
     actor_batch: int = knob(1024, "(transition, goal) samples per actor step")
     lr: float = knob(3e-3, "Adam learning rate (the actor's falls linearly to 0)")
     # outputs
@@ -182,6 +183,32 @@ def critic_loss(z, z2, s, s2, lam, eps=1e-6):
     return positive + lam * negative, {"positive": positive, "negative": negative}
 
 
+def transition_counts(data, n):
+    """How often each cell is a start s, a next state s', and each move u -> v: for
+    dataset_critic_loss. Returns c (N,), c2 (N,), e (N, N) as floats."""
+    c, c2 = (torch.bincount(data[k], minlength=n).float() for k in ("s", "s2"))
+    e = torch.bincount(data["s"] * n + data["s2"], minlength=n * n).float().view(n, n)
+    return c, c2, e
+
+
+def dataset_critic_loss(z, counts, lam, eps=1e-6):
+    """critic_loss with the whole dataset as one batch (--batch-size 0), summed per pair
+    of cells (u, v) instead of per pair of transitions: M^2 pairs become N^2.
+
+    z: (N, k) embeddings of all cells; counts: c, c2, e from transition_counts.
+      positive: e[u, v] transitions u -> v, u != v, each (||z_u - z_v|| - 1)^2
+      negative: c[u] c2[v] - e[u, v] pairs i != j with s_i = u, s'_j = v, u != v
+    """
+    c, c2, e = counts
+    d = torch.cdist(z, z)  # (N, N)
+    other = 1 - torch.eye(len(z), dtype=z.dtype, device=z.device)  # u != v
+    moved = e * other
+    positive = (moved * (d - 1) ** 2).sum() / moved.sum().clamp(min=1)
+    pairs = (c[:, None] * c2[None, :] - e) * other
+    negative = (pairs * -torch.log(d + eps)).sum() / pairs.sum().clamp(min=1)
+    return positive + lam * negative, {"positive": positive, "negative": negative}
+
+
 # =========================================== 3. value (Sec. 3.1) and advantage (Sec. 3.3)
 def latent_distance(z, zg):
     """d_phi(s, g) = ||phi(s) - phi(g)||, row-wise: (..., k), (..., k) -> (...)."""
@@ -236,11 +263,15 @@ def train(env, data, x, critic, actor, args, evaluate_fn, log):
     actor_from = int(args.critic_only * args.steps)
     decay = torch.optim.lr_scheduler.LambdaLR(opt, [  # per group: critic, actor
         lambda k: 1.0, lambda k: min(1.0, (args.steps - k) / max(1, args.steps - actor_from))])
-    sums, counts, tick = {}, {}, time.time()
+    counts = transition_counts(data, len(x))  # for --batch-size 0
+    sums, n_sums, tick = {}, {}, time.time()
     for step in range(1, args.steps + 1):
-        s, _, s2 = sample(data, args.batch_size)  # (B,)
         z = critic(x)  # (N, k)
-        loss, info = critic_loss(z[s], z[s2], s, s2, args.lam)
+        if args.batch_size:
+            s, _, s2 = sample(data, args.batch_size)  # (B,)
+            loss, info = critic_loss(z[s], z[s2], s, s2, args.lam)
+        else:  # the whole dataset as one batch
+            loss, info = dataset_critic_loss(z, counts, args.lam)
         info["critic_loss"] = loss
         if step > actor_from:
             s, a, s2 = sample(data, args.actor_batch)  # (B_actor,)
@@ -254,12 +285,12 @@ def train(env, data, x, critic, actor, args, evaluate_fn, log):
         opt.step()
         decay.step()
         for k, v in info.items():  # summed on the device: no host sync per step
-            sums[k], counts[k] = sums.get(k, 0) + v.detach(), counts.get(k, 0) + 1
+            sums[k], n_sums[k] = sums.get(k, 0) + v.detach(), n_sums.get(k, 0) + 1
         if step % args.eval_every == 0 or step == args.steps:
-            row = {"step": step, **{k: v.item() / counts[k] for k, v in sums.items()},
-                   "steps_per_s": counts["critic_loss"] / (time.time() - tick)}
+            row = {"step": step, **{k: v.item() / n_sums[k] for k, v in sums.items()},
+                   "steps_per_s": n_sums["critic_loss"] / (time.time() - tick)}
             log({**row, **evaluate_fn()})
-            sums, counts, tick = {}, {}, time.time()
+            sums, n_sums, tick = {}, {}, time.time()
 
 
 # =========================================================== 5. evaluation (exact, BFS)
@@ -534,12 +565,13 @@ def fail(message):
 
 def check_args(args):
     """Raise UsageError for values the run cannot use."""
-    for name in ("steps", "episodes", "episode_len", "batch_size", "actor_batch", "eval_every",
-                 "hidden"):
+    for name in ("steps", "episodes", "episode_len", "actor_batch", "eval_every", "hidden"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.seed < 0:
-        raise UsageError(f"--seed must be 0 or more, got {args.seed}")
+    for name in ("seed", "batch_size"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be 0 or more, "
+                             f"got {getattr(args, name)}")
     for name in ("lr", "w_max"):
         if not getattr(args, name) > 0:  # also catches nan
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")

@@ -475,3 +475,15 @@ def test_cuda_run_matches_cpu_closely(tmp_path):
     gpu = metricrl.main([*flags, "--device", "cuda", "--out", str(tmp_path / "gpu")])
     assert gpu["device"].startswith("cuda")
     assert abs(gpu["monotonicity"] - cpu["monotonicity"]) < 0.1
+
+
+def test_dataset_critic_loss_equals_critic_loss_on_the_whole_dataset():
+    env = GridWorld(ROOM)
+    data = metricrl.collect_dataset(env, Args(episodes=3, episode_len=40), np.random.default_rng(0))
+    z = torch.randn(len(env.cells), 5, dtype=torch.float64)
+    s, s2 = data["s"], data["s2"]
+    loss, info = metricrl.critic_loss(z[s], z[s2], s, s2, lam=0.7)
+    counts = metricrl.transition_counts(data, len(env.cells))
+    grouped, grouped_info = metricrl.dataset_critic_loss(z, [c.double() for c in counts], lam=0.7)
+    assert grouped.item() == pytest.approx(loss.item(), rel=1e-9)
+    assert grouped_info["positive"].item() == pytest.approx(info["positive"].item(), rel=1e-9)

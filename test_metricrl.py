@@ -426,7 +426,7 @@ def test_bench_writes_positive_figures(tmp_path):
     (["--env", "castle"], "unknown layout 'castle'"),
     (["--env", "BADMAP"], "unknown character"),
     (["--steps", "0"], "--steps must be positive"),
-    (["--episodes", "-3"], "--episodes must be positive"),
+    (["--episodes", "-3"], "--episodes must be 0 or more"),
     (["--epsilon", "1.5"], "--epsilon must be in [0, 1]"),
     (["--out", "FILE/sub"], "cannot write there"),
     (["--load", "missing.pt"], "not a metricrl checkpoint"),
@@ -487,3 +487,12 @@ def test_dataset_critic_loss_equals_critic_loss_on_the_whole_dataset():
     grouped, grouped_info = metricrl.dataset_critic_loss(z, [c.double() for c in counts], lam=0.7)
     assert grouped.item() == pytest.approx(loss.item(), rel=1e-9)
     assert grouped_info["positive"].item() == pytest.approx(info["positive"].item(), rel=1e-9)
+
+
+def test_data_size_rule_grows_with_the_map():
+    sized = {name: metricrl.size_to_map(Args(), GridWorld(name)) for name in ("maze", "maze25", "maze51")}
+    assert sized["maze"].episodes == 200 and sized["maze"].batch_size == 256
+    assert sized["maze25"].episodes == 600 and sized["maze25"].batch_size == 0
+    assert sized["maze51"].episodes == 2000 and sized["maze51"].batch_size == 0
+    kept = metricrl.size_to_map(Args(episodes=7, batch_size=32), GridWorld("maze51"))
+    assert (kept.episodes, kept.batch_size) == (7, 32)  # explicit values win

@@ -69,9 +69,8 @@ class Args:
     # alone for 10 epochs; these converge in 3000 steps on every map here, see README)
     steps: int = knob(3000, "gradient steps in all")
     critic_only: float = knob(0.3, "share of the steps that train the critic alone")
-    batch_size: int = knob(-1, "B, transitions per critic step (the push compares B x B "
-                               "pairs); 0: the whole dataset, summed per pair of cells; "
-                               "-1: 256 on maps up to 256 cells, else 0")
+    batch_size: int = knob(0, "critic batch: 0, the whole dataset, summed per pair of cells; "
+                              "B > 0, B random transitions (the push compares B x B pairs)")
     actor_batch: int = knob(1024, "(transition, goal) samples per actor step")
     lr: float = knob(3e-3, "Adam learning rate (the actor's falls linearly to 0)")
     # outputs
@@ -86,17 +85,9 @@ class Args:
 
 # ============================================================================ 1. data
 def size_to_map(args, env):
-    """The data-size rule: knobs left at 0 / -1 follow the number of cells N.
-
-    200 trajectories per 128 cells (200 on the named maps, 2,000 on maze51), and, above
-    256 cells, the whole dataset as the critic's batch: 256 transitions see too few of
-    the N^2 pairs that the push must spread (maze51: monotonicity 0.74 after 6,000 steps
-    of 256, 0.88 after 2,000 whole-dataset steps).
-    """
-    n = len(env.cells)
-    return dataclasses.replace(
-        args, episodes=args.episodes or 200 * math.ceil(n / 128),
-        batch_size=args.batch_size if args.batch_size >= 0 else (256 if n <= 256 else 0))
+    """The data-size rule, for --episodes 0: 200 trajectories per 128 cells, rounded up
+    (200 on the named maps, 600 on maze25, 2,000 on maze51)."""
+    return dataclasses.replace(args, episodes=args.episodes or 200 * math.ceil(len(env.cells) / 128))
 
 
 def collect_dataset(env, args, rng):
@@ -453,9 +444,11 @@ def plot(path, env, args, x, critic, actor, data, history, metrics):
     show_map(fig, a_pi, env, to_goal, f"Greedy π(·|s, g): {fails.sum()} of "
              f"{(d[:, goal] > 0).sum()} cells fail (×)", cmap="Blues_r", label="true distance to g")
     move = gridworld.MOVES[pi[:, goal]]  # (N, 2) (d_row, d_col) of each cell's action
+    small = 15 / max(env.height, env.width, 15)  # marks shrink on large maps
     a_pi.quiver(env.cells[:, 1], env.cells[:, 0], move[:, 1], move[:, 0], angles="xy",
-                scale_units="xy", scale=1.6, width=0.006, color="k")
-    a_pi.plot(env.cells[fails, 1], env.cells[fails, 0], "x", color="red", ms=9, mew=2)
+                scale_units="xy", scale=1.6, width=0.006 * small, color="k")
+    a_pi.plot(env.cells[fails, 1], env.cells[fails, 0], "x", color="red", ms=9 * small,
+              mew=2 * small)
     visits = np.bincount(data["s"].cpu().numpy(), minlength=len(env.cells))
     show_map(fig, a_data, env, visits, f"Offline data: visits per cell (ε = {args.epsilon})",
              cmap="magma", label="visits")
@@ -584,9 +577,7 @@ def check_args(args):
     for name in ("steps", "episode_len", "actor_batch", "eval_every", "hidden"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.batch_size < -1:
-        raise UsageError(f"--batch-size must be -1, 0 or more, got {args.batch_size}")
-    for name in ("seed", "episodes"):
+    for name in ("seed", "episodes", "batch_size"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be 0 or more, "
                              f"got {getattr(args, name)}")

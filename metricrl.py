@@ -690,7 +690,8 @@ def peak_memory(device):
 
 
 def benchmark(args, device, out):
-    """--bench: training steps/s at three batch sizes, then evaluation pairs/s."""
+    """--bench: training steps/s (critic and actor) at three critic batch sizes, then
+    evaluation pairs/s, on --device, written to bench.json."""
     env = make_env(args.env)
     args = size_to_map(args, env)
     data = {k: v.to(device) for k, v in
@@ -701,27 +702,26 @@ def benchmark(args, device, out):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result = {"device": str(device), "device_name": name, "env": args.env,
               "cells": len(env.cells), "threads": torch.get_num_threads(), "train": []}
-    for b in (64, 256, 1024):  # critic batch B (B x B push); actor batch 4 B
+    for b in (0, 256, 1024):  # critic batch: the whole dataset (default), or B transitions
         x, critic, actor = build(env, args, device)
         steps = min(args.steps, 300)
         for n in (10, steps):  # a warm-up, then the timed run
-            timed = dataclasses.replace(args, batch_size=b, actor_batch=4 * b, steps=n,
-                                        critic_only=0.0, eval_every=n)
+            timed = dataclasses.replace(args, batch_size=b, steps=n, critic_only=0.0, eval_every=n)
             sync()
             t = time.time()
             train(env, data, x, critic, actor, timed, lambda: {}, lambda row: None)
             sync()
-        result["train"].append({"batch_size": b, "actor_batch": 4 * b,
+        result["train"].append({"batch_size": b, "actor_batch": args.actor_batch,
                                 "steps_per_s": round(steps / (time.time() - t), 1)})
-        print(f"train  batch {b:5d} (actor {4 * b:5d}): {result['train'][-1]['steps_per_s']:8.1f} "
-              f"steps/s on {name}", flush=True)
+        print(f"train, critic batch {b or 'all':>5} and actor batch {args.actor_batch}: "
+              f"{result['train'][-1]['steps_per_s']:8.1f} steps/s on {name}", flush=True)
     sync()
     t = time.time()
     evaluate(critic, actor, x, truth, limit)
     sync()
     result["eval_pairs_per_s"] = round(len(env.cells) ** 2 / (time.time() - t))
     print(f"evaluate {len(env.cells) ** 2} pairs: {result['eval_pairs_per_s']:,} pairs/s "
-          f"(untrained networks: short rollouts)")
+          f"(networks after {steps} training steps)")
     with open(os.path.join(out, "bench.json"), "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {os.path.join(out, 'bench.json')}")

@@ -418,7 +418,7 @@ def test_bench_writes_positive_figures(tmp_path):
     metricrl.main(["--bench", "--env", tiny_map(tmp_path), "--steps", "5", "--episodes", "10",
                    "--episode-len", "20", "--hidden", "16", "--out", str(out)])
     bench = json.loads((out / "bench.json").read_text())
-    assert bench["device"] == "cpu" and [r["batch_size"] for r in bench["train"]] == [64, 256, 1024]
+    assert bench["device"] == "cpu" and [r["batch_size"] for r in bench["train"]] == [0, 256, 1024]
     assert all(r["steps_per_s"] > 0 for r in bench["train"]) and bench["eval_pairs_per_s"] > 0
 
 

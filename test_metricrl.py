@@ -493,3 +493,14 @@ def test_data_size_rule_grows_with_the_map():
     sized = {name: metricrl.size_to_map(Args(), GridWorld(name)) for name in ("maze", "maze25", "maze51")}
     assert [sized[name].episodes for name in ("maze", "maze25", "maze51")] == [200, 600, 2000]
     assert metricrl.size_to_map(Args(episodes=7), GridWorld("maze51")).episodes == 7
+
+
+def test_policy_table_in_chunks_equals_one_pass():
+    env = GridWorld("rooms")
+    torch.manual_seed(0)
+    x, _, actor = metricrl.build(env, Args(hidden=16), "cpu")
+    whole = metricrl.policy_table(actor, x, chunk=len(x) ** 2)
+    assert (metricrl.policy_table(actor, x, chunk=1000) == whole).all()
+    n = len(x)
+    s, g = torch.arange(n).repeat_interleave(n), torch.arange(n).repeat(n)
+    assert (whole.flatten() == actor(x, s, g).argmax(-1)).all()

@@ -95,7 +95,9 @@ def collect_dataset(env, args, rng):
 
     Behaviour: a uniformly random action with probability epsilon, else a shortest-path
     action towards a target cell (drawn per episode, and again when reached).
-    Returns int64 tensors s, a, s2 (next state) and episode, t, each (M,), M = transitions.
+    Returns int64 tensors s, a, s2 (next state) and episode, t, each (M,), M = transitions
+    (episode and t are not used by MetricRL, which draws goals from any state; they are
+    there for baselines with hindsight goals from the same trajectory).
     """
     nxt, opt = env.transitions(), env.optimal_actions()
     n, e = len(nxt), args.episodes
@@ -104,8 +106,8 @@ def collect_dataset(env, args, rng):
     for t in range(args.episode_len):  # vectorized over episodes
         expert = opt[state, target]  # (E, 4): optimal actions, all False at the target
         greedy = np.argmax(expert + rng.random((e, 4)), axis=1)  # a random optimal one
-        random = rng.integers(4, size=e)
-        act = np.where((rng.random(e) < args.epsilon) | ~expert.any(1), random, greedy)
+        uniform = rng.integers(4, size=e)
+        act = np.where((rng.random(e) < args.epsilon) | ~expert.any(1), uniform, greedy)
         steps.append((state, act, nxt[state, act], np.arange(e), np.full(e, t)))
         state = nxt[state, act]
         target = np.where(state == target, rng.integers(n, size=e), target)
@@ -330,9 +332,10 @@ def rollout(table, nxt, limit):
     """Roll every (s, g) out with the action table (N, N) by look-ups, all pairs at once.
 
     A greedy table is deterministic, so a pair that comes back to a cell it has visited
-    is in a loop and never arrives: it stops there, failed. (Brent's check: compare with
-    the position saved at steps 1, 2, 4, 8, ...) Only pairs still on their way are moved,
-    so the few long paths cost little. Returns reached (N, N) bool, steps taken (N, N).
+    is in a loop and never arrives. Brent's check finds that cheaply: each pair compares
+    its cell with the one it saved at step 1, 2, 4, 8, ..., and a pair in a loop meets its
+    saved cell within about twice the loop's length; it stops there, failed. Only pairs
+    still on their way are moved, so the few long paths cost little. Returns reached (N, N) bool, steps taken (N, N).
     """
     n = len(table)
     pair = torch.arange(n * n, device=table.device)
@@ -378,7 +381,8 @@ def monotonicity(dz, d, triplets=200_000, seed=0):
 
 @torch.no_grad()
 def evaluate(critic, actor, x, truth, limit):
-    """All metrics, exact over every ordered reachable pair (s, g), s != g.
+    """All metrics against the BFS truth, over every ordered reachable pair (s, g), s != g
+    (monotonicity over a fixed sample of triplets).
 
     truth: dict of tensors nxt (N, 4), d (N, N) BFS distances, opt (N, N, 4).
     """
@@ -458,11 +462,11 @@ def plot(path, env, args, x, critic, actor, data, history, metrics):
 
     pairs = d > 0  # learned vs true distance over all reachable pairs
     true, learned = d[pairs], dz[pairs]
-    steps = np.arange(1, true.max() + 1)
-    q = np.array([np.percentile(learned[true == t], [10, 50, 90]) for t in steps])
-    a_d.fill_between(steps, q[:, 0], q[:, 2], alpha=0.3, label="10–90% of pairs")
-    a_d.plot(steps, q[:, 1], label="median")
-    a_d.plot(steps, steps, "k--", lw=1, label="d_φ = d")
+    dist = np.arange(1, true.max() + 1)  # every true distance
+    q = np.array([np.percentile(learned[true == t], [10, 50, 90]) for t in dist])
+    a_d.fill_between(dist, q[:, 0], q[:, 2], alpha=0.3, label="10–90% of pairs")
+    a_d.plot(dist, q[:, 1], label="median")
+    a_d.plot(dist, dist, "k--", lw=1, label="d_φ = d")
     a_d.set(title="Learned vs true distance, all pairs", xlabel="true distance d(s, g) (BFS)",
             ylabel="learned distance d_φ(s, g)")
     a_d.legend()
@@ -478,9 +482,9 @@ def plot(path, env, args, x, critic, actor, data, history, metrics):
     a_pca.set(title="φ(s) projected on 2 principal axes (lines: moves)", xlabel="PC 1",
               ylabel="PC 2")
 
-    steps = [h["step"] for h in history]
+    logged = [h["step"] for h in history]
     for key in ("success_rate", "critic_success_rate", "optimal_action_rate", "monotonicity"):
-        a_metrics.plot(steps, [h[key] for h in history], marker="o", ms=3, label=key)
+        a_metrics.plot(logged, [h[key] for h in history], marker="o", ms=3, label=key)
     a_metrics.axvline(args.critic_only * args.steps, color="0.5", ls=":", label="actor starts")
     a_metrics.set(title="Exact metrics during training", xlabel="gradient step", ylim=(0, 1.02))
     a_metrics.legend(fontsize=8)
@@ -553,7 +557,7 @@ class UsageError(Exception):
 
 
 def parse_args(argv=None):
-    """argparse from the Args dataclass: one flag per field, its comment as help."""
+    """argparse from the Args dataclass: one flag per field, its knob's text as help."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.error = lambda message: fail(message)  # one line, exit 2 (no usage dump)
     for f in dataclasses.fields(Args):
@@ -624,8 +628,12 @@ def resolve_device(name):
 def output_dir(args):
     algo = "metricrl" if args.weighting == "exp" else "metricrl-linear"
     name = os.path.splitext(os.path.basename(args.env))[0]
-    out = args.out or (os.path.dirname(args.load) or "." if args.load else
-                       os.path.join("runs", f"{name}-{algo}-s{args.seed}"))
+    if args.out:
+        out = args.out
+    elif args.load:
+        out = os.path.dirname(args.load) or "."
+    else:
+        out = os.path.join("runs", f"{name}-{algo}-s{args.seed}")
     try:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, ".write-test"), "w"):
@@ -676,7 +684,7 @@ def write_log(path, history):
 
 
 def peak_memory(device):
-    """Peak resident memory of this process (and peak GPU memory on CUDA), in MiB."""
+    """Peak resident memory of this process (and peak GPU memory on CUDA), in MB of 2^20."""
     peak = {}
     try:
         import resource  # not on Windows
@@ -721,7 +729,7 @@ def benchmark(args, device, out):
     sync()
     result["eval_pairs_per_s"] = round(len(env.cells) ** 2 / (time.time() - t))
     print(f"evaluate {len(env.cells) ** 2} pairs: {result['eval_pairs_per_s']:,} pairs/s "
-          f"(networks after {steps} training steps)")
+          f"(networks after {steps + 10} training steps)")
     with open(os.path.join(out, "bench.json"), "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {os.path.join(out, 'bench.json')}")

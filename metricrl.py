@@ -578,32 +578,22 @@ def fail(message):
 
 def check_args(args):
     """Raise UsageError for values the run cannot use."""
-    for name in ("steps", "episode_len", "actor_batch", "eval_every", "hidden"):
-        if getattr(args, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("seed", "episodes", "batch_size"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be 0 or more, "
-                             f"got {getattr(args, name)}")
-    for name in ("lr", "w_max"):
-        if not getattr(args, name) > 0:  # also catches nan
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("lam", "beta"):
-        if not getattr(args, name) >= 0:
-            raise UsageError(f"--{name} must be 0 or more, got {getattr(args, name)}")
-    if not 0 <= args.epsilon <= 1:
-        raise UsageError(f"--epsilon must be in [0, 1], got {args.epsilon}")
-    if args.latent < 2:
-        raise UsageError(f"--latent must be 2 or more (the figure projects phi on 2 axes), "
-                         f"got {args.latent}")
-    if not 0 <= args.critic_only < 1:
-        raise UsageError(f"--critic-only must be in [0, 1), got {args.critic_only}")
-    if not 0 < args.gamma <= 1:
-        raise UsageError(f"--gamma must be in (0, 1], got {args.gamma}")
-    if args.features not in ("onehot", "xy"):
-        raise UsageError(f"--features must be onehot or xy, got {args.features!r}")
-    if args.weighting not in ("exp", "linear"):
-        raise UsageError(f"--weighting must be exp or linear, got {args.weighting!r}")
+    rules = [  # (flags, test, what the flags must be)
+        (("steps", "episode_len", "actor_batch", "eval_every", "hidden", "lr", "w_max"),
+         lambda v: v > 0, "positive"),
+        (("seed", "episodes", "batch_size", "lam", "beta"), lambda v: v >= 0, "0 or more"),
+        (("latent",), lambda v: v >= 2, "2 or more (the figure projects phi on 2 axes)"),
+        (("epsilon",), lambda v: 0 <= v <= 1, "in [0, 1]"),
+        (("critic_only",), lambda v: 0 <= v < 1, "in [0, 1)"),
+        (("gamma",), lambda v: 0 < v <= 1, "in (0, 1]"),
+        (("features",), lambda v: v in ("onehot", "xy"), "onehot or xy"),
+        (("weighting",), lambda v: v in ("exp", "linear"), "exp or linear"),
+    ]
+    for names, ok, what in rules:
+        for name in names:
+            value = getattr(args, name)
+            if not ok(value):  # nan fails every test
+                raise UsageError(f"--{name.replace('_', '-')} must be {what}, got {value!r}")
 
 
 def resolve_device(name):

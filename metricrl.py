@@ -328,21 +328,25 @@ def critic_table(dz, nxt):
     return dz[nxt].argmin(dim=1)  # dz[nxt]: (N, 4, N)
 
 
-def rollout(table, nxt, limit):
+def rollout(table, nxt, limit, goals=None):
     """Roll every (s, g) out with the action table (N, N) by look-ups, all pairs at once.
 
     A greedy table is deterministic, so a pair that comes back to a cell it has visited
     is in a loop and never arrives. Brent's check finds that cheaply: each pair compares
     its cell with the one it saved at step 1, 2, 4, 8, ..., and a pair in a loop meets its
     saved cell within about twice the loop's length; it stops there, failed. Only pairs
-    still on their way are moved, so the few long paths cost little. Returns reached (N, N) bool, steps taken (N, N).
+    still on their way are moved, so the few long paths cost little. `goals` (a list of
+    cell indices) rolls out only the pairs towards those goals.
+    Returns reached (N, N) bool, steps taken (N, N).
     """
     n = len(table)
     pair = torch.arange(n * n, device=table.device)
     pos, goal = pair // n, pair % n  # (P,) flat pairs, P = N^2
     steps = torch.zeros(n * n, dtype=torch.long, device=table.device)
     saved = pos.clone()
-    live = pair[pos != goal]  # (L,) pairs on their way
+    wanted = torch.ones_like(pos, dtype=torch.bool) if goals is None else torch.isin(
+        goal, torch.as_tensor(goals, device=table.device))
+    live = pair[(pos != goal) & wanted]  # (L,) pairs on their way
     for t in range(1, limit + 1):
         if len(live) == 0:
             break
@@ -422,17 +426,18 @@ def show_map(fig, ax, env, values, title, cmap="viridis", label="", **kw):
     ax.set_yticks([])
 
 
-def plot(path, env, args, x, critic, actor, data, history, metrics):
+def plot(path, env, args, x, critic, actor, data, truth, history, metrics):
     """One figure: value, policy and data on the map; distances, embedding, curves."""
-    with torch.no_grad():
-        z = critic(x)
-        dz = torch.cdist(z, z).cpu().numpy()
-        nxt = torch.as_tensor(np.array(env.transitions()), device=x.device)
-        pi = policy_table(actor, x)
-        reached = rollout(pi, nxt, len(env.cells))[0].cpu().numpy()
-        pi, z = pi.cpu().numpy(), z.cpu().numpy()
     d = env.distance_matrix()
     goal = int(np.argmax(d.max(1)))  # one end of a longest shortest path
+    with torch.no_grad():  # the policy towards this goal only: (N,) actions, then rollouts
+        z = critic(x)
+        dz = torch.cdist(z, z).cpu().numpy()
+        cells = torch.arange(len(x), device=x.device)
+        table = torch.zeros(len(x), len(x), dtype=torch.long, device=x.device)
+        table[:, goal] = actor(x, cells, torch.full_like(cells, goal)).argmax(-1)
+        reached = rollout(table, truth["nxt"], len(x), goals=[goal])[0].cpu().numpy()
+        pi, z = table.cpu().numpy(), z.cpu().numpy()
     gr, gc = env.cells[goal]
     fig, axes = plt.subplots(2, 4, figsize=(20, 9.5))
     (a_v, a_true, a_pi, a_data), (a_d, a_pca, a_metrics, a_loss) = axes
@@ -756,7 +761,8 @@ def run(args, start):
         metrics = {k: history[-1][k] for k in METRICS}  # training ends with an evaluation
         save_checkpoint(os.path.join(out, "model.pt"), env, args, critic, actor, history)
         write_log(os.path.join(out, "log.csv"), history)
-    plot(os.path.join(out, "metricrl.png"), env, args, x, critic, actor, data, history, metrics)
+    plot(os.path.join(out, "metricrl.png"), env, args, x, critic, actor, data, truth, history,
+         metrics)
     metrics.update(env=args.env, algo=algo, seed=args.seed, device=str(device),
                    steps=args.steps, seconds=round(time.time() - start, 2),
                    dataset=coverage(env, data), **peak_memory(device))

@@ -362,6 +362,9 @@ def test_rollout_counts_loops_as_failures():
     table = torch.ones(10, 10, dtype=torch.long)  # always right
     reached, steps = metricrl.rollout(table, nxt, 1000)
     assert not reached[0, 4] and reached[0, 3] and steps[0, 3] == 3  # (0,0) -> (0,3)
+    only = metricrl.rollout(table, nxt, 1000, goals=[3])[0]  # pairs towards cell 3 only
+    moved = ~torch.eye(10, dtype=torch.bool)  # s != g; s == g counts as reached at step 0
+    assert (only[:, 3] == reached[:, 3]).all() and not (only & moved)[:, [0, 1, 2, 4]].any()
 
 
 @pytest.mark.parametrize("layout", ["rooms", "maze"])

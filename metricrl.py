@@ -19,11 +19,14 @@ import time
 START = time.time()  # "seconds" in metrics.json counts from here: launch to figure written
 
 import argparse  # noqa: E402
+import copy  # noqa: E402
 import csv  # noqa: E402
 import dataclasses  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
+import platform  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
@@ -47,6 +50,8 @@ def knob(default, help):
 @dataclass
 class Args:
     env: str = knob("maze", "map: open, rooms, maze, loops, maze<N> (odd N >= 7) or a map file")
+    algo: str = knob("metricrl", "metricrl (the paper); gcbc: goal-conditioned behaviour cloning, "
+                                 "no critic; td: the same actor, its critic a value learned by TD")
     device: str = knob("auto", "auto, cpu, cuda or cuda:N")
     seed: int = knob(0, "seeds the data and the networks (the evaluation is exact)")
     # data
@@ -59,12 +64,18 @@ class Args:
     latent: int = knob(32, "k, the size of the embedding phi(s)")
     hidden: int = knob(128, "width of the hidden layers of phi and pi")
     lam: float = knob(1.0, "lambda, weight of the contrastive (negative) term")
+    negative: str = knob("log", "shape of the push on pairs at latent distance d: log, -log d "
+                                "(the paper); inverse, 1/d (short range); linear, -d")
     # value and actor
     gamma: float = knob(0.99, "discount in V(s, g) = gamma^d(s, g)")
     weighting: str = knob("exp", "exp: w = min(exp(beta A), w_max); "
                                  "linear: w = V(s') - V(s) with V = -d (the authors' code)")
     beta: float = knob(6.0, "inverse temperature of the exp weights")
     w_max: float = knob(100.0, "clip of the exp weights")
+    goals: str = knob("auto", "the actor's goals: random dataset states, or hindsight (a later "
+                              "state of the same trajectory); auto: hindsight for gcbc, else random")
+    expectile: float = knob(0.7, "td: expectile of the TD target (0.5: the data's average move, "
+                                 "towards 1: its best)")
     # optimisation (the authors: Adam 1e-3, batch 256, 100 epochs x 500 batches, critic
     # alone for 10 epochs; these converge in 2600 steps on every named map, see README)
     steps: int = knob(2600, "gradient steps in all")
@@ -81,6 +92,13 @@ class Args:
     quiet: bool = knob(False, "no progress lines")
     bench: bool = knob(False, "benchmark: training steps/s at several batch sizes and "
                               "evaluation pairs/s on --device, written to bench.json")
+    # comparison grid: one run per (env, negative, algo, epsilon, seed), see compare()
+    compare: bool = knob(False, "run the grid below, then write compare.md and compare.png")
+    algos: str = knob("metricrl,metricrl-linear,gcbc,td", "--compare: methods")
+    epsilons: str = knob("0,0.25,0.5,0.75,1", "--compare: behaviour epsilons (0 expert, 1 random)")
+    seeds: int = knob(3, "--compare: seeds per cell, from --seed on")
+    envs: str = knob("", "--compare: maps (default: --env)")
+    negatives: str = knob("log", "--compare: push shapes (metricrl only)")
 
 
 # ============================================================================ 1. data
@@ -95,9 +113,8 @@ def collect_dataset(env, args, rng):
 
     Behaviour: a uniformly random action with probability epsilon, else a shortest-path
     action towards a target cell (drawn per episode, and again when reached).
-    Returns int64 tensors s, a, s2 (next state) and episode, t, each (M,), M = transitions
-    (episode and t are not used by MetricRL, which draws goals from any state; they are
-    there for baselines with hindsight goals from the same trajectory).
+    Returns int64 tensors s, a, s2 (next state) and episode, t, each (M,), M = transitions;
+    transition t of episode e sits at index t * episodes + e (for hindsight goals).
     """
     nxt, opt = env.transitions(), env.optimal_actions()
     n, e = len(nxt), args.episodes
@@ -141,41 +158,55 @@ def mlp(inputs, hidden, outputs):
                          nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, outputs))
 
 
-class Actor(nn.Module):
-    """pi(a | s, g): the same MLP on the concatenated features [x_s, x_g] -> 4 logits.
+class PairNet(nn.Module):
+    """The same MLP on the concatenated features [x_s, x_g] of a (state, goal) pair: the
+    actor pi(a | s, g) (4 logits), and td's value V(s, g) (1 output).
 
     Its first layer is W [x_s; x_g] + b = W_s x_s + W_g x_g + b, so, like phi, it runs once
     per cell and a batch of pairs gathers rows: the same function, without B x 2F inputs.
     """
 
-    def __init__(self, features, hidden):
+    def __init__(self, features, hidden, outputs=4):
         super().__init__()
         self.s_in = nn.Linear(features, hidden)  # W_s, b
         self.g_in = nn.Linear(features, hidden, bias=False)  # W_g
         self.body = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                  nn.Linear(hidden, 4))
+                                  nn.Linear(hidden, outputs))
 
     def forward(self, x, s, g):
-        """x (N, F) features of all cells; s, g (B,) cell indices -> logits (B, 4)."""
+        """x (N, F) features of all cells; s, g (B,) cell indices -> (B, outputs)."""
         # index_select, not [s]: the same rows, with a faster backward on CPU
         return self.body(self.s_in(x).index_select(0, s) + self.g_in(x).index_select(0, g))
 
 
 def build(env, args, device):
-    """Features and fresh networks phi: F -> k and pi: (s, g) -> 4 logits."""
+    """Features and fresh networks: the actor pi: (s, g) -> 4 logits and the critic,
+    phi: F -> k for metricrl, V: (s, g) -> 1 for td, None for gcbc."""
     x = cell_features(env, args.features).to(device)
-    critic = mlp(x.shape[1], args.hidden, args.latent).to(device)
-    actor = Actor(x.shape[1], args.hidden).to(device)
-    return x, critic, actor
+    f, h = x.shape[1], args.hidden
+    critic = {"metricrl": lambda: mlp(f, h, args.latent).to(device),
+              "td": lambda: PairNet(f, h, 1).to(device), "gcbc": lambda: None}[args.algo]()
+    return x, critic, PairNet(f, h).to(device)
 
 
 # ================================================================ 2. critic (paper Sec. 3)
-def critic_loss(z, z2, s, s2, lam, eps=1e-6):
+def push(d, shape, eps=1e-6):
+    """The negative term on pairs at latent distance d, any shape. The paper's -log d
+    pushes with force 1/d: strong up close, weak far away, never zero. inverse, 1/d, has
+    force 1/d^2: it spreads neighbours and leaves far pairs alone. linear, -d, pushes all
+    pairs alike (the log transform dropped)."""
+    if shape == "log":
+        return -torch.log(d + eps)
+    return 1 / (d + eps) if shape == "inverse" else -d
+
+
+def critic_loss(z, z2, s, s2, lam, shape="log"):
     """The paper's contrastive metric loss on one batch of transitions.
 
     z, z2: (B, k) embeddings phi(s_i), phi(s'_i); s, s2: (B,) their cell indices.
       positive = mean_i (||phi(s'_i) - phi(s_i)|| - 1)^2      over transitions that moved
       negative = mean_{i != j} -log(||phi(s_i) - phi(s'_j)|| + eps)   over different cells
+    (-log is --negative log, the paper's; see push() for the other shapes.)
     The positive distance is row-wise, (B, k), (B, k) -> (B,). The authors' code calls
     torch.cdist on (B, 1, k) and (B, k), which broadcasts to all B x B pairs; the paper
     means row-wise.
@@ -188,7 +219,7 @@ def critic_loss(z, z2, s, s2, lam, eps=1e-6):
     d_all = torch.cdist(z, z2)  # (B, B): d(phi(s_i), phi(s'_j))
     eye = torch.eye(len(s), dtype=torch.bool, device=s.device)
     other = ((s[:, None] != s2[None, :]) & ~eye).float()  # (B, B): i != j, different cells
-    negative = (other * -torch.log(d_all + eps)).sum() / other.sum().clamp(min=1)
+    negative = (other * push(d_all, shape)).sum() / other.sum().clamp(min=1)
     return positive + lam * negative, {"positive": positive, "negative": negative}
 
 
@@ -200,7 +231,7 @@ def transition_counts(data, n):
     return c, c2, e
 
 
-def dataset_critic_loss(z, counts, lam, eps=1e-6):
+def dataset_critic_loss(z, counts, lam, shape="log"):
     """critic_loss with the whole dataset as one batch (--batch-size 0), summed per pair
     of cells (u, v) instead of per pair of transitions: M^2 pairs become N^2.
 
@@ -214,7 +245,7 @@ def dataset_critic_loss(z, counts, lam, eps=1e-6):
     moved = e * other
     positive = (moved * (d - 1) ** 2).sum() / moved.sum().clamp(min=1)
     pairs = (c[:, None] * c2[None, :] - e) * other
-    negative = (pairs * -torch.log(d + eps)).sum() / pairs.sum().clamp(min=1)
+    negative = (pairs * push(d, shape)).sum() / pairs.sum().clamp(min=1)
     return positive + lam * negative, {"positive": positive, "negative": negative}
 
 
@@ -250,59 +281,125 @@ def actor_loss(logits, a, w):
     return -(w * logp).mean()
 
 
-def sample(data, n):
-    """n dataset transitions drawn uniformly: s, a, s2, each (n,)."""
-    i = torch.randint(len(data["s"]), (n,), device=data["s"].device)
-    return data["s"][i], data["a"][i], data["s2"][i]
+def sample(data, n, goals, args):
+    """n transitions drawn uniformly, each with a goal: s, a, s2, g, each (n,). goals:
+      random     any dataset state (MetricRL: its distances hold for every pair)
+      hindsight  s'_t' of the same trajectory, t' >= t: the move is then a step of a path
+                 that did reach g (GCBC's relabelling)
+      mixed      half each (td's: hindsight goals carry the reward, random ones far pairs)
+      None       no goal (g is None): the critic's batch of transitions
+    """
+    m, dev = len(data["s"]), data["s"].device
+    i = torch.randint(m, (n,), device=dev)
+    s, a, s2, g = data["s"][i], data["a"][i], data["s2"][i], None
+    if goals == "random":
+        g = data["s"][torch.randint(m, (n,), device=dev)]
+    elif goals in ("hindsight", "mixed"):
+        t = data["t"][i]
+        later = t + (torch.rand(n, device=dev) * (args.episode_len - t)).long()  # [t, T)
+        g = data["s2"][later * args.episodes + data["episode"][i]]  # (e, t') is at t' E + e
+        if goals == "mixed":
+            other = data["s"][torch.randint(m, (n,), device=dev)]
+            g = torch.where(torch.rand(n, device=dev) < 0.5, g, other)
+    return s, a, s2, g
+
+
+# ================================== 5. the baselines: the same data and actor, other critics
+# gcbc has no critic: every weight is 1, and its goals are hindsight goals (see sample).
+TARGET_RATE = 0.5  # td: V_target moves this share of the way to V after each step (tuned)
+
+
+def td_loss(v, v_target, x, s, s2, g, args):
+    """The critic that MetricRL replaces: V(s, g) learned by temporal differences.
+
+      y    = gamma * (1 if s' = g else V_target(s', g))       so V* = gamma^d, as in MetricRL
+      loss = mean |tau - 1(y < V(s, g))| (y - V(s, g))^2       expectile regression (IQL)
+    tau = --expectile > 0.5 leans towards the best move in the data rather than the
+    behaviour's average one. s, s2, g: (B,); pairs with s = g are left out (V(g, g) = 1).
+    """
+    with torch.no_grad():
+        y = args.gamma * torch.where(s2 == g, 1.0, v_target(x, s2, g)[:, 0])  # (B,)
+    u = y - v(x, s, g)[:, 0]  # (B,)
+    keep = (s != g).float()
+    tau = torch.where(u < 0, 1 - args.expectile, args.expectile)
+    return (keep * tau * u ** 2).sum() / keep.sum().clamp(min=1)
+
+
+def td_distance(v, x, s, g, gamma):
+    """td's value as a distance, log_gamma V(s, g): (B,), so the same advantage applies."""
+    return torch.log(v(x, s, g)[:, 0].clamp(1e-6, 1)) / math.log(gamma)
+
+
+# ======================================================= 6. training (Algorithm 1)
+def critic_step(critic, target, x, data, counts, args):
+    """One step of the method's critic: (loss, info, dist), with dist(s, g) -> (B,) its
+    distances for the actor's weights (None for gcbc, which has no critic)."""
+    if args.algo == "gcbc":
+        return torch.zeros((), device=x.device), {}, None
+    if args.algo == "td":
+        s, _, s2, g = sample(data, args.actor_batch, "mixed", args)  # (B_actor,)
+        loss = td_loss(critic, target, x, s, s2, g, args)
+        info = {"td_loss": loss, "critic_loss": loss}
+        return loss, info, lambda s, g: td_distance(critic, x, s, g, args.gamma)
+    z = critic(x)  # (N, k): every cell once; a batch gathers rows
+    if args.batch_size > 0:
+        s, _, s2, _ = sample(data, args.batch_size, None, args)  # (B,)
+        loss, info = critic_loss(z[s], z[s2], s, s2, args.lam, args.negative)
+    else:  # the whole dataset as one batch
+        loss, info = dataset_critic_loss(z, counts, args.lam, args.negative)
+    zd = z.detach()
+    return loss, {**info, "critic_loss": loss}, lambda s, g: latent_distance(zd[s], zd[g])
 
 
 def train(env, data, x, critic, actor, args, evaluate_fn, log):
-    """Critic alone for the first `critic_only` share of the steps, then both.
+    """Critic alone for the first `critic_only` share of the steps, then both (gcbc:
+    the actor from the start).
 
-    Every cell's embedding is computed once a step, z = phi(x) (N, k), and a batch
-    gathers its rows: the same numbers and gradients as phi on the batch, cheaper.
-    Goals for the actor are dataset states drawn uniformly (any state, not the one the
-    data was collected for: random data has none; the critic generalizes to all pairs).
-    The two losses share one backward pass: the weights w carry no gradient, so the
-    actor's loss does not move phi. The actor's learning rate falls linearly to 0 over
-    its steps, so the last policy is not a noisy iterate.
+    phi runs on every cell once a step, z = phi(x) (N, k), and a batch gathers its rows:
+    the same numbers and gradients as phi on the batch, cheaper. The actor's goals are
+    dataset states drawn uniformly (not the one the data was collected for: random data
+    has none; the critic's distances hold for every pair). The two losses share one
+    backward pass: the weights w carry no gradient, so the actor's loss does not move the
+    critic. The actor's learning rate falls linearly to 0 over its steps, so the last
+    policy is not a noisy iterate.
     """
-    opt = torch.optim.Adam([{"params": critic.parameters()}, {"params": actor.parameters()}],
+    critic_params = list(critic.parameters()) if critic is not None else []
+    opt = torch.optim.Adam([{"params": critic_params}, {"params": actor.parameters()}],
                            lr=args.lr, fused=True)
-    actor_from = int(args.critic_only * args.steps)
+    actor_from = 0 if args.algo == "gcbc" else int(args.critic_only * args.steps)
     decay = torch.optim.lr_scheduler.LambdaLR(opt, [  # per group: critic, actor
         lambda k: 1.0, lambda k: min(1.0, (args.steps - k) / max(1, args.steps - actor_from))])
+    target = copy.deepcopy(critic) if args.algo == "td" else None  # td's V_target
+    goals = args.goals if args.goals != "auto" else "hindsight" if args.algo == "gcbc" else "random"
     counts = transition_counts(data, len(x))  # for --batch-size 0
-    sums, n_sums, tick = {}, {}, time.time()
+    sums, n_sums, tick, last = {}, {}, time.time(), 0
     for step in range(1, args.steps + 1):
-        z = critic(x)  # (N, k)
-        if args.batch_size > 0:
-            s, _, s2 = sample(data, args.batch_size)  # (B,)
-            loss, info = critic_loss(z[s], z[s2], s, s2, args.lam)
-        else:  # the whole dataset as one batch
-            loss, info = dataset_critic_loss(z, counts, args.lam)
-        info["critic_loss"] = loss
+        loss, info, dist = critic_step(critic, target, x, data, counts, args)
         if step > actor_from:
-            s, a, s2 = sample(data, args.actor_batch)  # (B_actor,)
-            g = sample(data, args.actor_batch)[0]  # (B_actor,) goals: random dataset states
-            zd = z.detach()
-            w = advantage_weights(latent_distance(zd[s], zd[g]), latent_distance(zd[s2], zd[g]), args)
+            s, a, s2, g = sample(data, args.actor_batch, goals, args)  # (B_actor,)
+            with torch.no_grad():
+                w = advantage_weights(dist(s, g), dist(s2, g), args) if dist else torch.ones(
+                    len(s), device=x.device)
             info["actor_loss"] = actor_loss(actor(x, s, g), a, w)
             loss = loss + info["actor_loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         decay.step()
+        if target is not None:
+            with torch.no_grad():
+                for p_target, p in zip(target.parameters(), critic.parameters()):
+                    p_target.lerp_(p, TARGET_RATE)
         for k, v in info.items():  # summed on the device: no host sync per step
             sums[k], n_sums[k] = sums.get(k, 0) + v.detach(), n_sums.get(k, 0) + 1
         if step % args.eval_every == 0 or step == args.steps:
             row = {"step": step, **{k: v.item() / n_sums[k] for k, v in sums.items()},
-                   "steps_per_s": n_sums["critic_loss"] / (time.time() - tick)}
+                   "steps_per_s": (step - last) / (time.time() - tick)}
             log({**row, **evaluate_fn()})
-            sums, n_sums, tick = {}, {}, time.time()
+            sums, n_sums, tick, last = {}, {}, time.time(), step
 
 
-# =========================================================== 5. evaluation (exact, BFS)
+# =========================================================== 7. evaluation (exact, BFS)
 METRICS = ("success_rate", "path_ratio", "optimal_action_rate", "value_greedy_rate",
            "critic_success_rate", "spearman", "monotonicity")
 
@@ -315,12 +412,27 @@ def ground_truth(env, device):
 
 
 @torch.no_grad()
-def policy_table(actor, x, chunk=1 << 16):
-    """Greedy actions argmax_a pi(a | s, g) for every pair: (N, N), in chunks of pairs."""
+def pair_table(net, x, chunk=1 << 16):
+    """A PairNet on every pair (s, g): (N, N, outputs), in chunks of pairs."""
     n = len(x)
     pairs = torch.arange(n * n, device=x.device)
-    return torch.cat([actor(x, p // n, p % n).argmax(-1)
-                      for p in pairs.split(chunk)]).view(n, n)
+    return torch.cat([net(x, p // n, p % n) for p in pairs.split(chunk)]).view(n, n, -1)
+
+
+def policy_table(actor, x):
+    """Greedy actions argmax_a pi(a | s, g) for every pair: (N, N)."""
+    return pair_table(actor, x).argmax(-1)
+
+
+@torch.no_grad()
+def critic_distances(critic, x, args):
+    """The critic's distance between all cells, (N, N): ||phi(s) - phi(g)|| for metricrl,
+    log_gamma V(s, g) for td; None for gcbc."""
+    if args.algo == "metricrl":
+        z = critic(x)
+        return torch.cdist(z, z)
+    if args.algo == "td":
+        return torch.log(pair_table(critic, x)[..., 0].clamp(1e-6, 1)) / math.log(args.gamma)
 
 
 def critic_table(dz, nxt):
@@ -384,32 +496,34 @@ def monotonicity(dz, d, triplets=200_000, seed=0):
 
 
 @torch.no_grad()
-def evaluate(critic, actor, x, truth, limit):
+def evaluate(dz, actor, x, truth, limit):
     """All metrics against the BFS truth, over every ordered reachable pair (s, g), s != g
-    (monotonicity over a fixed sample of triplets).
+    (monotonicity over a fixed sample of triplets). The critic's are nan without a critic.
 
-    truth: dict of tensors nxt (N, 4), d (N, N) BFS distances, opt (N, N, 4).
+    dz: (N, N) the critic's distances (critic_distances) or None; truth: dict of tensors
+    nxt (N, 4), d (N, N) BFS distances, opt (N, N, 4).
     """
     nxt, d, opt = truth["nxt"], truth["d"], truth["opt"]
     pairs = d > 0  # (N, N) reachable, s != g
-    z = critic(x)
-    dz = torch.cdist(z, z)  # (N, N) learned distances
-    pi, greedy = policy_table(actor, x), critic_table(dz, nxt)
+    pi = policy_table(actor, x)
     reached, steps = rollout(pi, nxt, limit)
-    critic_reached, _ = rollout(greedy, nxt, limit)
     ok = reached & pairs
-    return {
+    rate = lambda table: opt.gather(2, table[..., None])[..., 0][pairs].double().mean().item()  # noqa: E731
+    metrics = {
         "success_rate": ok[pairs].double().mean().item(),
         "path_ratio": (steps[ok] / d[ok]).mean().item() if ok.any() else float("nan"),
-        "optimal_action_rate": opt.gather(2, pi[..., None])[..., 0][pairs].double().mean().item(),
-        "value_greedy_rate": opt.gather(2, greedy[..., None])[..., 0][pairs].double().mean().item(),
-        "critic_success_rate": critic_reached[pairs].double().mean().item(),
-        "spearman": spearman(dz[pairs], d[pairs].double()),
-        "monotonicity": monotonicity(dz, d),
+        "optimal_action_rate": rate(pi),
     }
+    if dz is None:
+        return {**metrics, **{k: float("nan") for k in METRICS[3:]}}
+    greedy = critic_table(dz, nxt)
+    return {**metrics, "value_greedy_rate": rate(greedy),
+            "critic_success_rate": rollout(greedy, nxt, limit)[0][pairs].double().mean().item(),
+            "spearman": spearman(dz[pairs], d[pairs].double()),
+            "monotonicity": monotonicity(dz, d)}
 
 
-# ========================================================================= 6. plots
+# ========================================================================= 8. plots
 def grid_image(env, values):
     """Values per cell (N,) -> (H, W) array for imshow, walls masked."""
     image = np.full((env.height, env.width), np.nan)
@@ -426,26 +540,70 @@ def show_map(fig, ax, env, values, title, cmap="viridis", label="", **kw):
     ax.set_yticks([])
 
 
+def blank(ax, text):
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=12)
+    ax.set_axis_off()
+
+
+def plot_distances(ax, d, dz, args):
+    """The critic's against the true distance, over all reachable pairs."""
+    if dz is None:
+        return blank(ax, f"{args.algo} has no critic")
+    pairs = d > 0
+    true, learned = d[pairs], dz[pairs]
+    dist = np.arange(1, true.max() + 1)  # every true distance
+    q = np.array([np.percentile(learned[true == t], [10, 50, 90]) for t in dist])
+    ax.fill_between(dist, q[:, 0], q[:, 2], alpha=0.3, label="10–90% of pairs")
+    ax.plot(dist, q[:, 1], label="median")
+    ax.plot(dist, dist, "k--", lw=1, label="learned = true")
+    name = "d_φ(s, g)" if args.algo == "metricrl" else "log_γ V(s, g)"
+    ax.set(title="Learned vs true distance, all pairs", xlabel="true distance d(s, g) (BFS)",
+           ylabel=f"learned distance {name}")
+    ax.legend()
+
+
+def plot_embedding(fig, ax, env, z, goal, to_goal):
+    """phi(s) of every cell (N, k) on its two principal axes, neighbours joined."""
+    if z is None:
+        return blank(ax, "no embedding φ")
+    centred = z - z.mean(0)
+    xy = centred @ np.linalg.svd(centred, full_matrices=False)[2][:2].T  # (N, 2) PCA
+    i, j = np.repeat(np.arange(len(env.cells)), 4), env.transitions().ravel()  # all moves
+    edges = np.stack([i[i < j], j[i < j]])  # (2, E), each neighbour pair once
+    ax.plot(xy[edges, 0], xy[edges, 1], color="0.8", lw=0.8, zorder=0)
+    sc = ax.scatter(xy[:, 0], xy[:, 1], c=to_goal, cmap="viridis", s=18, plotnonfinite=True)
+    ax.plot(*xy[goal], "*", color="white", ms=18, mec="k")
+    fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.03, label="true distance to g")
+    ax.set(title="φ(s) projected on 2 principal axes (lines: moves)", xlabel="PC 1",
+           ylabel="PC 2")
+
+
 def plot(path, env, args, x, critic, actor, data, truth, history, metrics):
     """One figure: value, policy and data on the map; distances, embedding, curves."""
     d = env.distance_matrix()
     goal = int(np.argmax(d.max(1)))  # one end of a longest shortest path
+    dz = critic_distances(critic, x, args)  # (N, N) or None (gcbc)
+    dz = None if dz is None else dz.cpu().numpy()
     with torch.no_grad():  # the policy towards this goal only: (N,) actions, then rollouts
-        z = critic(x)
-        dz = torch.cdist(z, z).cpu().numpy()
+        z = critic(x).cpu().numpy() if args.algo == "metricrl" else None  # (N, k)
         cells = torch.arange(len(x), device=x.device)
         table = torch.zeros(len(x), len(x), dtype=torch.long, device=x.device)
         table[:, goal] = actor(x, cells, torch.full_like(cells, goal)).argmax(-1)
         reached = rollout(table, truth["nxt"], len(x), goals=[goal])[0].cpu().numpy()
-        pi, z = table.cpu().numpy(), z.cpu().numpy()
+        pi = table.cpu().numpy()
     gr, gc = env.cells[goal]
     fig, axes = plt.subplots(2, 4, figsize=(20, 9.5))
     (a_v, a_true, a_pi, a_data), (a_d, a_pca, a_metrics, a_loss) = axes
 
-    v, v_true = value(dz[:, goal], args.gamma), args.gamma ** d[:, goal].astype(float)
-    low = min(v.min(), v_true[d[:, goal] >= 0].min())  # one colour scale for both
-    show_map(fig, a_v, env, v, r"Learned $V(s, g) = \gamma^{d_\phi(s, g)}$", vmin=low, vmax=1,
-             label="V")
+    v_true = args.gamma ** d[:, goal].astype(float)
+    low = v_true[d[:, goal] >= 0].min()
+    if dz is None:
+        blank(a_v, f"{args.algo} has no critic")
+    else:
+        v = value(dz[:, goal], args.gamma)
+        low = min(low, v.min())  # one colour scale for both
+        show_map(fig, a_v, env, v, r"Learned $V(s, g) = \gamma^{d_\phi(s, g)}$" if args.algo ==
+                 "metricrl" else "Learned V(s, g), by TD", vmin=low, vmax=1, label="V")
     show_map(fig, a_true, env, np.where(d[:, goal] >= 0, v_true, np.nan),
              r"True optimal $V^*(s, g) = \gamma^{d(s, g)}$", vmin=low, vmax=1, label="V*")
     fails = ~reached[:, goal] & (d[:, goal] > 0)
@@ -461,41 +619,23 @@ def plot(path, env, args, x, critic, actor, data, truth, history, metrics):
     visits = np.bincount(data["s"].cpu().numpy(), minlength=len(env.cells))
     show_map(fig, a_data, env, visits, f"Offline data: visits per cell (ε = {args.epsilon})",
              cmap="magma", label="visits")
-    for ax in (a_v, a_true, a_pi, a_data):
+    for ax in (a_v, a_true, a_pi, a_data)[dz is None:]:
         ax.plot(gc, gr, "*", color="white", ms=18, mec="k", label="goal g")
-    a_v.legend(loc="lower right", fontsize=8)
-
-    pairs = d > 0  # learned vs true distance over all reachable pairs
-    true, learned = d[pairs], dz[pairs]
-    dist = np.arange(1, true.max() + 1)  # every true distance
-    q = np.array([np.percentile(learned[true == t], [10, 50, 90]) for t in dist])
-    a_d.fill_between(dist, q[:, 0], q[:, 2], alpha=0.3, label="10–90% of pairs")
-    a_d.plot(dist, q[:, 1], label="median")
-    a_d.plot(dist, dist, "k--", lw=1, label="d_φ = d")
-    a_d.set(title="Learned vs true distance, all pairs", xlabel="true distance d(s, g) (BFS)",
-            ylabel="learned distance d_φ(s, g)")
-    a_d.legend()
-
-    centred = z - z.mean(0)
-    xy = centred @ np.linalg.svd(centred, full_matrices=False)[2][:2].T  # (N, 2) PCA
-    i, j = np.repeat(np.arange(len(env.cells)), 4), env.transitions().ravel()  # all moves
-    edges = np.stack([i[i < j], j[i < j]])  # (2, E), each neighbour pair once
-    a_pca.plot(xy[edges, 0], xy[edges, 1], color="0.8", lw=0.8, zorder=0)
-    sc = a_pca.scatter(xy[:, 0], xy[:, 1], c=to_goal, cmap="viridis", s=18, plotnonfinite=True)
-    a_pca.plot(*xy[goal], "*", color="white", ms=18, mec="k")
-    fig.colorbar(sc, ax=a_pca, fraction=0.046, pad=0.03, label="true distance to g")
-    a_pca.set(title="φ(s) projected on 2 principal axes (lines: moves)", xlabel="PC 1",
-              ylabel="PC 2")
+    a_true.legend(loc="lower right", fontsize=8)
+    plot_distances(a_d, d, dz, args)
+    plot_embedding(fig, a_pca, env, z, goal, to_goal)
 
     logged = [h["step"] for h in history]
     for key in ("success_rate", "critic_success_rate", "optimal_action_rate", "monotonicity"):
         a_metrics.plot(logged, [h[key] for h in history], marker="o", ms=3, label=key)
-    a_metrics.axvline(args.critic_only * args.steps, color="0.5", ls=":", label="actor starts")
+    if args.algo != "gcbc":
+        a_metrics.axvline(args.critic_only * args.steps, color="0.5", ls=":", label="actor starts")
     a_metrics.set(title="Exact metrics during training", xlabel="gradient step", ylim=(0, 1.02))
     a_metrics.legend(fontsize=8)
     a_actor = a_loss.twinx()  # the actor's loss on its own scale, at the right
     for ax, key, label, color in ((a_loss, "positive", "critic: positive term", "C0"),
                                   (a_loss, "negative", "critic: negative term", "C1"),
+                                  (a_loss, "td_loss", "critic: TD loss", "C0"),
                                   (a_actor, "actor_loss", "actor: weighted NLL (right axis)", "C2")):
         rows = [h for h in history if key in h]
         ax.plot([h["step"] for h in rows], [h[key] for h in rows], marker="o", ms=3,
@@ -505,19 +645,20 @@ def plot(path, env, args, x, critic, actor, data, truth, history, metrics):
     a_actor.set_ylabel("actor loss")
     (h1, l1), (h2, l2) = a_loss.get_legend_handles_labels(), a_actor.get_legend_handles_labels()
     a_actor.legend(h1 + h2, l1 + l2, fontsize=8, loc="center right")
-    fig.suptitle(f"MetricRL on '{args.env}' ({len(env.cells)} cells, {args.episodes}×"
+    critic = "" if dz is None else (f", critic success {metrics['critic_success_rate']:.3f}, "
+                                    f"monotonicity {metrics['monotonicity']:.3f}")
+    fig.suptitle(f"{method(args)} on '{args.env}' ({len(env.cells)} cells, {args.episodes}×"
                  f"{args.episode_len} steps of data, ε = {args.epsilon}). Over all pairs: success "
-                 f"{metrics['success_rate']:.3f}, critic success {metrics['critic_success_rate']:.3f}"
-                 f", monotonicity {metrics['monotonicity']:.3f}. Top row: one far goal g = "
-                 f"({gr}, {gc})", fontsize=13)
+                 f"{metrics['success_rate']:.3f}{critic}. Top row: one far goal g = ({gr}, {gc})",
+                 fontsize=13)
     fig.subplots_adjust(left=0.035, right=0.965, bottom=0.07, top=0.92, wspace=0.32, hspace=0.22)
     fig.savefig(path, dpi=70)  # (fixed margins: tight_layout would draw the figure twice)
     plt.close(fig)
 
 
-# ================================================================ 7. save and load
+# ================================================================ 9. save and load
 def save_checkpoint(path, env, args, critic, actor, history):
-    torch.save({"critic": critic.state_dict(), "actor": actor.state_dict(),
+    torch.save({"critic": critic.state_dict() if critic else None, "actor": actor.state_dict(),
                 "args": dataclasses.asdict(args), "layout": env.layout, "history": history}, path)
 
 
@@ -549,14 +690,16 @@ def load_agent(path, device="cpu"):
     args = Args(**ckpt["args"])
     env = gridworld.GridWorld(ckpt["layout"])
     x, critic, actor = build(env, args, device)
-    critic.load_state_dict(ckpt["critic"])
-    actor.load_state_dict(ckpt["actor"])
-    agent = Agent(env, args, x, critic.eval(), actor.eval())
+    for net, state in ((critic, ckpt["critic"]), (actor, ckpt["actor"])):
+        if net is not None:
+            net.load_state_dict(state)
+            net.eval()
+    agent = Agent(env, args, x, critic, actor)
     agent.history = ckpt["history"]
     return agent
 
 
-# ========================================================================== 8. main
+# ========================================================================== 10. main
 class UsageError(Exception):
     """Bad input from the command line: one line on stderr, exit code 2."""
 
@@ -591,9 +734,16 @@ def check_args(args):
         (("epsilon",), lambda v: 0 <= v <= 1, "in [0, 1]"),
         (("critic_only",), lambda v: 0 <= v < 1, "in [0, 1)"),
         (("gamma",), lambda v: 0 < v <= 1, "in (0, 1]"),
+        (("expectile",), lambda v: 0 < v < 1, "in (0, 1)"),
+        (("seeds",), lambda v: v > 0, "positive"),
+        (("algo",), lambda v: v in ("metricrl", "gcbc", "td"), "metricrl, gcbc or td"),
         (("features",), lambda v: v in ("onehot", "xy"), "onehot or xy"),
         (("weighting",), lambda v: v in ("exp", "linear"), "exp or linear"),
+        (("negative",), lambda v: v in ("log", "inverse", "linear"), "log, inverse or linear"),
+        (("goals",), lambda v: v in ("auto", "random", "hindsight"), "auto, random or hindsight"),
     ]
+    if args.algo == "td" and args.gamma == 1:
+        raise UsageError("--algo td needs --gamma below 1 (its distance is log_gamma V)")
     for names, ok, what in rules:
         for name in names:
             value = getattr(args, name)
@@ -620,8 +770,15 @@ def resolve_device(name):
     return device
 
 
+def method(args):
+    """The method's name, as --algos spells it: metricrl, metricrl-linear, gcbc, td, and
+    the push shape when it is not the paper's (metricrl-inverse)."""
+    name = args.algo + ("-linear" if args.weighting == "linear" and args.algo != "gcbc" else "")
+    return name + (f"-{args.negative}" if args.negative != "log" and args.algo == "metricrl" else "")
+
+
 def output_dir(args):
-    algo = "metricrl" if args.weighting == "exp" else "metricrl-linear"
+    algo = method(args)
     name = os.path.splitext(os.path.basename(args.env))[0]
     if args.out:
         out = args.out
@@ -643,8 +800,9 @@ def report(row, args):
     """One progress line per evaluation."""
     if args.quiet:
         return
-    losses = f"critic {row['critic_loss']:7.3f}" + (f"  actor {row['actor_loss']:6.3f}"
-                                                     if "actor_loss" in row else " " * 14)
+    critic = row.get("critic_loss", math.nan)
+    losses = (f"critic {critic:7.3f}" if abs(critic) >= 0.01 else f"critic {critic:7.1e}") + (
+        f"  actor {row['actor_loss']:6.3f}" if "actor_loss" in row else " " * 14)
     print(f"step {row['step']:6d}/{args.steps}  {losses}  {row['steps_per_s']:5.0f} steps/s | "
           f"success {row['success_rate']:.3f}  critic success {row['critic_success_rate']:.3f}  "
           f"monotonicity {row['monotonicity']:.3f}", flush=True)
@@ -720,7 +878,7 @@ def benchmark(args, device, out):
               f"{result['train'][-1]['steps_per_s']:8.1f} steps/s on {name}", flush=True)
     sync()
     t = time.time()
-    evaluate(critic, actor, x, truth, limit)
+    evaluate(critic_distances(critic, x, args), actor, x, truth, limit)
     sync()
     result["eval_pairs_per_s"] = round(len(env.cells) ** 2 / (time.time() - t))
     print(f"evaluate {len(env.cells) ** 2} pairs: {result['eval_pairs_per_s']:,} pairs/s "
@@ -731,10 +889,13 @@ def benchmark(args, device, out):
     return result
 
 
-def run(args, start):
+def run(args, start, summary=True):
     """Data -> critic and actor -> exact metrics -> files. Returns metrics.json's dict."""
     check_args(args)
     device = resolve_device(args.device)
+    if args.compare:
+        return compare(args)
+    flags = dataclasses.asdict(args)  # as given, for --compare's resume check
     if args.bench:
         return benchmark(args, device, output_dir(args)[0])
     agent, args = restore(args, device) if args.load else (None, args)
@@ -748,7 +909,7 @@ def run(args, start):
     truth = ground_truth(env, device)
     if agent:  # re-evaluate a checkpoint
         x, critic, actor, history = agent.x, agent.critic, agent.actor, agent.history
-        metrics = evaluate(critic, actor, x, truth, limit)
+        metrics = evaluate(critic_distances(critic, x, args), actor, x, truth, limit)
     else:
         x, critic, actor = build(env, args, device)
         history = []
@@ -756,7 +917,7 @@ def run(args, start):
             print(f"{args.env}: {len(env.cells)} cells | data {coverage(env, data)} | "
                   f"device {device} | {args.steps} steps", flush=True)
         train(env, data, x, critic, actor, args,
-              lambda: evaluate(critic, actor, x, truth, limit),
+              lambda: evaluate(critic_distances(critic, x, args), actor, x, truth, limit),
               lambda row: (history.append(row), report(row, args)))
         metrics = {k: history[-1][k] for k in METRICS}  # training ends with an evaluation
         save_checkpoint(os.path.join(out, "model.pt"), env, args, critic, actor, history)
@@ -765,13 +926,170 @@ def run(args, start):
          metrics)
     metrics.update(env=args.env, algo=algo, seed=args.seed, device=str(device),
                    steps=args.steps, seconds=round(time.time() - start, 2),
-                   dataset=coverage(env, data), **peak_memory(device))
+                   dataset=coverage(env, data), **peak_memory(device),
+                   flags=flags)
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     files = "metrics.json, metricrl.png" + ("" if agent else ", log.csv, model.pt")
-    print("\n".join([f"wrote {os.path.join(out, '')} ({files}) in {metrics['seconds']:.1f} s"] +
+    summary and print("\n".join([f"wrote {os.path.join(out, '')} ({files}) in {metrics['seconds']:.1f} s"] +
                     [f"  {k:20s} {metrics[k]:.3f}" for k in METRICS]))
     return metrics
+
+
+# ======================================== 11. --compare: a grid of runs, a table, a figure
+VARIANTS = {"metricrl": {}, "metricrl-linear": {"weighting": "linear"},  # --algos names
+            "gcbc": {"algo": "gcbc"}, "td": {"algo": "td"}}
+REPORTED = ("success_rate", "path_ratio", "optimal_action_rate", "critic_success_rate")
+
+
+def grid(args):
+    """The runs of --compare, one Args per (env, negative, algo, epsilon, seed); the push
+    shape varies for metricrl only. Each run writes to <out>/<env>-<method>-e<eps>-s<seed>."""
+    items = lambda flag: [v.strip() for v in getattr(args, flag).split(",") if v.strip()]  # noqa: E731
+    envs, algos, negatives = items("envs") or [args.env], items("algos"), items("negatives")
+    try:
+        epsilons = [float(e) for e in items("epsilons")]
+    except ValueError:
+        raise UsageError(f"--epsilons must be numbers in [0, 1], got {args.epsilons!r}") from None
+    for flag, values in (("algos", algos), ("epsilons", epsilons), ("negatives", negatives)):
+        if not values:
+            raise UsageError(f"--{flag} is empty")
+    for name in set(algos) - set(VARIANTS):
+        raise UsageError(f"--algos: unknown {name!r}; choose from {', '.join(VARIANTS)}")
+    for env in envs:
+        make_env(env)  # a bad map fails now, not an hour into the sweep
+    root = args.out or os.path.join("runs", "compare-" + "-".join(
+        os.path.splitext(os.path.basename(e))[0] for e in envs))
+    plain = {f.name: f.default for f in dataclasses.fields(Args) if f.name in
+             ("compare", "algos", "epsilons", "seeds", "envs", "negatives")}
+    runs = []
+    for env, negative, algo, eps, seed in itertools.product(
+            envs, negatives, algos, epsilons, range(args.seed, args.seed + args.seeds)):
+        if negative != negatives[0] and VARIANTS[algo].get("algo", "metricrl") != "metricrl":
+            continue
+        cell = dataclasses.replace(args, **plain, **VARIANTS[algo], env=env, negative=negative,
+                                   epsilon=eps, seed=seed, quiet=True)
+        check_args(cell)
+        name = os.path.splitext(os.path.basename(env))[0]
+        runs.append(dataclasses.replace(cell, out=os.path.join(
+            root, f"{name}-{method(cell)}-e{eps:g}-s{seed}")))
+    return root, runs
+
+
+def finished(cell):
+    """metrics.json of a run made with the same flags (device and output aside), or None."""
+    try:
+        with open(os.path.join(cell.out, "metrics.json")) as f:
+            metrics = json.load(f)
+    except (OSError, ValueError):
+        return None
+    same = lambda a: {k: v for k, v in a.items() if k not in ("out", "device")}  # noqa: E731
+    return metrics if same(metrics.get("flags", {})) == same(dataclasses.asdict(cell)) else None
+
+
+def compare(args):
+    """--compare: run every cell of the grid that has no metrics.json yet (so a sweep can
+    be stopped and continued), then write compare.md and compare.png."""
+    root, runs = grid(args)
+    os.makedirs(root, exist_ok=True)
+    todo = sum(finished(cell) is None for cell in runs)
+    print(f"--compare: {len(runs)} runs in {root}, {len(runs) - todo} done before", flush=True)
+    results, took = [], []
+    for k, cell in enumerate(runs, 1):
+        metrics = finished(cell)
+        if metrics is None:
+            tick = time.time()
+            metrics = run(cell, tick, summary=False)
+            took.append(time.time() - tick)
+            todo -= 1
+            left = f"about {todo * np.mean(took) / 60:.1f} min left"
+        else:
+            left = "done before"
+        results.append((cell, metrics))
+        print(f"[{k:3d}/{len(runs)}] {os.path.basename(cell.out):32s} success "
+              f"{metrics['success_rate']:.3f}  critic success {metrics['critic_success_rate']:.3f}"
+              f"  {metrics['seconds']:5.1f} s | {left}", flush=True)
+    table = compare_table(results)
+    with open(os.path.join(root, "compare.md"), "w") as f:
+        f.write(table)
+    compare_plot(os.path.join(root, "compare.png"), results)
+    print(table + f"\nwrote {os.path.join(root, 'compare.md')} and compare.png "
+          f"({sum(m['seconds'] for _, m in results) / 60:.1f} min of runs)")
+    return results
+
+
+def mean_std(values):
+    """Mean and std over seeds, runs without the value (nan) left out."""
+    v = np.array(values, dtype=float)
+    v = v[~np.isnan(v)]
+    return (v.mean(), v.std()) if len(v) else (np.nan, np.nan)
+
+
+def cell_key(cell):
+    """What a row of the table is: (env, method, epsilon); seeds are averaged."""
+    return os.path.splitext(os.path.basename(cell.env))[0], method(cell), cell.epsilon
+
+
+def compare_table(results):
+    """Markdown: mean ± std over seeds per (env, method, epsilon), in grid order."""
+    rows = {}
+    for cell, metrics in results:
+        rows.setdefault(cell_key(cell), []).append(metrics)
+    cell = results[0][0]
+    lines = [f"Steps {cell.steps}, data {cell.episode_len}-step trajectories (sized to the map), "
+             f"seeds {len(next(iter(rows.values())))}; {platform.machine()} CPU with "
+             f"{os.cpu_count()} cores, torch {torch.__version__}, device {results[0][1]['device']}."
+             f" Mean ± std over seeds.", "",
+             "| env | method | ε | " + " | ".join(REPORTED) + " | seconds |",
+             "|---|---|---|" + "---|" * (len(REPORTED) + 1)]
+    for (env, name, eps), ms in rows.items():
+        stats = [mean_std([m[k] for m in ms]) for k in REPORTED]
+        lines.append(f"| {env} | {name} | {eps:g} | " + " | ".join(
+            "—" if np.isnan(m) else f"{m:.3f} ± {sd:.3f}" for m, sd in stats) +
+            f" | {np.mean([m['seconds'] for m in ms]):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def compare_plot(path, results):
+    """Success and the actor's optimal-action rate against epsilon, one line per method
+    (the critic's own success dotted); grouped bars when several maps are compared."""
+    stats = {}
+    for cell, metrics in results:
+        stats.setdefault(cell_key(cell), []).append(metrics)
+    envs = list(dict.fromkeys(k[0] for k in stats))
+    names = list(dict.fromkeys(k[1] for k in stats))
+    epsilons = sorted({k[2] for k in stats})
+    at = lambda key, metric: mean_std([m[metric] for m in stats[key]])  # noqa: E731
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    if len(envs) == 1 and len(epsilons) > 1:  # the paper's data-quality figure
+        for ax, metric in zip(axes, ("success_rate", "optimal_action_rate")):
+            for i, name in enumerate(names):
+                m, sd = np.array([at((envs[0], name, e), metric) for e in epsilons]).T
+                ax.errorbar(epsilons, m, sd, marker="o", capsize=3, color=f"C{i}", label=name)
+                c = np.array([at((envs[0], name, e), "critic_success_rate")[0]
+                              for e in epsilons])
+                if metric == "success_rate" and not np.isnan(c).all():
+                    ax.plot(epsilons, c, ":", color=f"C{i}", label=f"{name}: critic's own policy")
+            ax.set(xlabel="ε of the behaviour policy (0 expert, 1 random)", ylabel=metric,
+                   ylim=(-0.02, 1.02), title=f"{metric} on '{envs[0]}', mean ± std over seeds")
+    else:  # grouped bars: one group per (env, epsilon), one bar per method
+        groups = [(env, e) for env in envs for e in epsilons if (env, names[0], e) in stats]
+        width = 0.8 / len(names)
+        for ax, metric in zip(axes, ("success_rate", "critic_success_rate")):
+            for i, name in enumerate(names):
+                m, sd = np.array([at((env, name, e), metric) if (env, name, e) in stats
+                                  else (np.nan, np.nan) for env, e in groups]).T
+                ax.bar(np.arange(len(groups)) + (i - (len(names) - 1) / 2) * width, m, width,
+                       yerr=sd, capsize=3, color=f"C{i}", label=name)
+            ax.set_xticks(range(len(groups)), [env if len(epsilons) == 1 else f"{env}\nε = {e:g}"
+                                                for env, e in groups])
+            ax.set(ylabel=metric, ylim=(0, 1.05), title=f"{metric}, mean ± std over seeds")
+    handles, labels = axes[0].get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda i: labels[i])  # each method beside its critic
+    axes[0].legend([handles[i] for i in order], [labels[i] for i in order], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 def main(argv=None, start=None):

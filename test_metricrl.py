@@ -214,6 +214,13 @@ def truth(env):
     return metricrl.ground_truth(env, "cpu")
 
 
+@torch.no_grad()
+def distances(critic, x):
+    """(N, N) latent distances of any embedding network."""
+    z = critic(x)
+    return torch.cdist(z, z)
+
+
 class TableActor(nn.Module):
     """A 'policy network' that returns fixed logits from a table (N, N, 4)."""
 
@@ -227,7 +234,7 @@ class TableActor(nn.Module):
 
 def test_actor_first_layer_split_equals_an_mlp_on_concatenated_features():
     x = torch.randn(6, 3)
-    actor = metricrl.Actor(3, 8)
+    actor = metricrl.PairNet(3, 8)
     s, g = torch.tensor([0, 5, 2]), torch.tensor([1, 1, 4])
     layer = nn.Linear(6, 8)
     with torch.no_grad():
@@ -276,7 +283,7 @@ def test_critic_learns_to_order_distances_on_a_tiny_map():
     x, critic, actor = metricrl.build(env, args, "cpu")
     rows = []
     metricrl.train(env, data, x, critic, actor, args,
-                   lambda: metricrl.evaluate(critic, actor, x, truth(env), 1000), rows.append)
+                   lambda: metricrl.evaluate(distances(critic, x), actor, x, truth(env), 1000), rows.append)
     losses = [r["critic_loss"] for r in rows]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert rows[-1]["spearman"] > 0.8 and rows[-1]["monotonicity"] > 0.8
@@ -322,7 +329,7 @@ def test_actor_with_perfect_critic_becomes_optimal():
     assert w[on_path].min() > 10 * w[~on_path].max()
     rows = []
     metricrl.train(env, data, x, critic, actor, args,
-                   lambda: metricrl.evaluate(critic, actor, x, truth(env), 1000), rows.append)
+                   lambda: metricrl.evaluate(distances(critic, x), actor, x, truth(env), 1000), rows.append)
     assert rows[-1]["optimal_action_rate"] == 1.0 and rows[-1]["success_rate"] == 1.0
     assert rows[-1]["spearman"] == pytest.approx(1.0)
 
@@ -332,15 +339,15 @@ def test_metrics_of_optimal_random_and_looping_policies():
     t = truth(env)
     x = metricrl.cell_features(env, "onehot")
     critic = nn.Identity()  # phi = one-hot: every pair at distance sqrt(2)
-    optimal = metricrl.evaluate(critic, TableActor(t["opt"].float()), x, t, 1000)
+    optimal = metricrl.evaluate(distances(critic, x), TableActor(t["opt"].float()), x, t, 1000)
     assert optimal["success_rate"] == 1.0 and optimal["path_ratio"] == 1.0
     assert optimal["optimal_action_rate"] == 1.0
     torch.manual_seed(0)
-    random = metricrl.evaluate(critic, TableActor(torch.randn(t["opt"].shape)), x, t, 1000)
+    random = metricrl.evaluate(distances(critic, x), TableActor(torch.randn(t["opt"].shape)), x, t, 1000)
     assert random["success_rate"] < 0.5 and random["optimal_action_rate"] < 0.7
     up = torch.zeros(t["opt"].shape)
     up[..., 0] = 1  # always up: stuck at the top wall, never reaches a goal below
-    looping = metricrl.evaluate(critic, TableActor(up), x, t, 1000)
+    looping = metricrl.evaluate(distances(critic, x), TableActor(up), x, t, 1000)
     assert looping["success_rate"] < 0.5
 
 
@@ -404,7 +411,7 @@ def test_end_to_end_outputs_reload_and_same_seed(tmp_path):
     assert (tmp_path / "a" / "log.csv").read_text().count("\n") == 3  # header + 2 evaluations
     m2 = metricrl.main(["--env", env, "--out", str(tmp_path / "b"), *TINY])
     assert saved["peak_memory_mb"] > 0
-    drop = lambda m: {k: v for k, v in m.items() if k not in ("seconds", "peak_memory_mb")}  # noqa: E731
+    drop = lambda m: {k: v for k, v in m.items() if k not in ("seconds", "peak_memory_mb", "flags")}  # noqa: E731
     assert drop(m1) == drop(m2)
     m3 = metricrl.main(["--load", str(tmp_path / "a" / "model.pt"), "--out", str(tmp_path / "c"),
                         "--quiet"])
@@ -502,8 +509,97 @@ def test_policy_table_in_chunks_equals_one_pass():
     env = GridWorld("rooms")
     torch.manual_seed(0)
     x, _, actor = metricrl.build(env, Args(hidden=16), "cpu")
-    whole = metricrl.policy_table(actor, x, chunk=len(x) ** 2)
-    assert (metricrl.policy_table(actor, x, chunk=1000) == whole).all()
+    whole = metricrl.pair_table(actor, x, chunk=len(x) ** 2).argmax(-1)
+    assert (metricrl.pair_table(actor, x, chunk=1000).argmax(-1) == whole).all()
     n = len(x)
     s, g = torch.arange(n).repeat_interleave(n), torch.arange(n).repeat(n)
     assert (whole.flatten() == actor(x, s, g).argmax(-1)).all()
+
+
+# ------------------------------------------------------------------ baselines and --compare
+def test_push_shapes_hand_computed():
+    d = torch.tensor([0.5, 2.0])
+    assert metricrl.push(d, "log").tolist() == pytest.approx([-np.log(0.5), -np.log(2.0)], rel=1e-5)
+    assert metricrl.push(d, "inverse").tolist() == pytest.approx([2.0, 0.5], rel=1e-5)
+    assert metricrl.push(d, "linear").tolist() == pytest.approx([-0.5, -2.0])
+    z = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+    s, s2 = torch.tensor([0, 1]), torch.tensor([2, 3])
+    _, info = metricrl.critic_loss(z, z, s, s2, lam=1.0, shape="inverse")
+    assert info["negative"].item() == pytest.approx(1 / 5, rel=1e-5)  # both pairs at 5
+
+
+def test_hindsight_goals_are_later_states_of_the_same_trajectory():
+    episodes, length = 3, 5
+    t, e = torch.meshgrid(torch.arange(length), torch.arange(episodes), indexing="ij")
+    s = (100 * e + t).flatten()  # transition (e, t) at index t * E + e: state 100 e + t
+    data = {"s": s, "a": torch.zeros_like(s), "s2": s + 1, "episode": e.flatten(), "t": t.flatten()}
+    args = Args(episodes=episodes, episode_len=length)
+    torch.manual_seed(0)
+    s, _, _, g = metricrl.sample(data, 2000, "hindsight", args)
+    assert (g // 100 == s // 100).all() and (g % 100 > s % 100).all()
+    assert set((g - s).tolist()) == {1, 2, 3, 4, 5}  # every later state of the trajectory
+    _, _, _, g = metricrl.sample(data, 2000, "random", args)
+    assert (g // 100 != s // 100).any()
+
+
+def test_td_loss_target_hand_computed():
+    class Constant(nn.Module):  # V(s, g) = c for every pair
+        def __init__(self, c):
+            super().__init__()
+            self.c = c
+
+        def forward(self, x, s, g):
+            return torch.full((len(s), 1), self.c)
+
+    args = Args(gamma=0.9, expectile=0.8)
+    s, s2, g = torch.tensor([0, 1, 2]), torch.tensor([1, 2, 2]), torch.tensor([2, 2, 2])
+    # pair 0: y = 0.9 * V_target = 0.45 > V = 0.3: weight 0.8; pair 1 reaches g: y = 0.9;
+    # pair 2 is s = g: left out
+    loss = metricrl.td_loss(Constant(0.3), Constant(0.5), None, s, s2, g, args)
+    assert loss.item() == pytest.approx((0.8 * 0.15 ** 2 + 0.8 * 0.6 ** 2) / 2, rel=1e-5)
+    loss = metricrl.td_loss(Constant(0.95), Constant(0.5), None, s, s2, g, args)
+    assert loss.item() == pytest.approx((0.2 * 0.5 ** 2 + 0.2 * 0.05 ** 2) / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("algo", ["metricrl", "gcbc", "td"])
+def test_every_method_learns_from_expert_data_on_a_tiny_map(tmp_path, algo):
+    env = gridworld.GridWorld(ROOM)
+    m = metricrl.main(["--env", tiny_map(tmp_path), "--algo", algo, "--epsilon", "0",
+                       "--steps", "300", "--eval-every", "300", "--episodes", "50",
+                       "--episode-len", "30", "--hidden", "64", "--quiet",
+                       "--out", str(tmp_path / algo)])
+    opt, d = env.optimal_actions(), env.distance_matrix()
+    chance = opt.mean(-1)[d > 0].mean()  # a uniformly random action's optimal-action rate
+    assert m["algo"] == algo and (tmp_path / algo / "metrics.json").exists()
+    assert m["optimal_action_rate"] > chance + 0.2 and m["success_rate"] > 0.3
+    assert np.isnan(m["critic_success_rate"]) == (algo == "gcbc")
+
+
+def test_negative_inverse_trains_and_differs_from_log(tmp_path):
+    runs = {shape: metricrl.main(["--env", tiny_map(tmp_path), "--negative", shape, *TINY,
+                                  "--steps", "300", "--critic-only", "0.9",
+                                  "--out", str(tmp_path / shape)]) for shape in ("log", "inverse")}
+    assert runs["inverse"]["algo"] == "metricrl-inverse"
+    assert runs["inverse"]["spearman"] > 0.8 and runs["log"]["spearman"] > 0.8  # both learn
+    drop = ("seconds", "peak_memory_mb", "algo", "flags")
+    assert ({k: v for k, v in runs["log"].items() if k not in drop} !=
+            {k: v for k, v in runs["inverse"].items() if k not in drop})
+
+
+def test_compare_writes_table_and_figure_and_resumes(tmp_path, capsys):
+    flags = ["--compare", "--env", tiny_map(tmp_path), "--algos", "metricrl,gcbc",
+             "--epsilons", "0,1", "--seeds", "1", *TINY, "--out", str(tmp_path / "cmp")]
+    metricrl.main(flags)
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| room")]
+    assert len(rows) == 4 and all("± 0.000" in row for row in rows)
+    assert sum(row.count("—") for row in rows) == 2  # gcbc has no critic: 2 empty cells
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0
+    first = {p: p.stat().st_mtime_ns for p in (tmp_path / "cmp").glob("*/metrics.json")}
+    assert len(first) == 4
+    capsys.readouterr()
+    metricrl.main(flags)  # the same grid again: nothing new runs
+    assert "4 done before" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cmp").glob("*/metrics.json")} == first
+    metricrl.main(flags[:-2] + ["--steps", "40", "--out", str(tmp_path / "cmp")])  # new flags
+    assert all(p.stat().st_mtime_ns != first[p] for p in first)

@@ -43,15 +43,19 @@ matplotlib.use("Agg")  # draw to files; no screen needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def knob(default, help):
-    return field(default=default, metadata={"help": help})
+NEGATIVES = ("log", "inverse", "linear")  # shapes of the critic's push, see push()
+
+
+def knob(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
 class Args:
     env: str = knob("maze", "map: open, rooms, maze, loops, maze<N> (odd N >= 7) or a map file")
     algo: str = knob("metricrl", "metricrl (the paper); gcbc: goal-conditioned behaviour cloning, "
-                                 "no critic; td: the same actor, its critic a value learned by TD")
+                                 "no critic; td: the same actor, its critic a value learned by TD",
+                     ("metricrl", "gcbc", "td"))
     device: str = knob("auto", "auto, cpu, cuda or cuda:N")
     seed: int = knob(0, "seeds the data and the networks (the evaluation is exact)")
     # data
@@ -59,21 +63,25 @@ class Args:
     episode_len: int = knob(100, "steps per trajectory (the authors' MiniGrid setting)")
     epsilon: float = knob(1.0, "behaviour policy: random action with this probability, "
                                "else a shortest-path move (1.0: purely random data)")
-    features: str = knob("onehot", "state features: onehot (of the cell) or xy (coordinates)")
+    features: str = knob("onehot", "state features: onehot (of the cell) or xy (coordinates)",
+                         ("onehot", "xy"))
     # critic
     latent: int = knob(32, "k, the size of the embedding phi(s)")
     hidden: int = knob(128, "width of the hidden layers of phi and pi")
     lam: float = knob(1.0, "lambda, weight of the contrastive (negative) term")
     negative: str = knob("log", "shape of the push on pairs at latent distance d: log, -log d "
-                                "(the paper); inverse, 1/d (short range); linear, -d")
+                                "(the paper); inverse, 1/d (short range); linear, -d",
+                         NEGATIVES)
     # value and actor
     gamma: float = knob(0.99, "discount in V(s, g) = gamma^d(s, g)")
     weighting: str = knob("exp", "exp: w = min(exp(beta A), w_max); "
-                                 "linear: w = V(s') - V(s) with V = -d (the authors' code)")
+                                 "linear: w = V(s') - V(s) with V = -d (the authors' code)",
+                          ("exp", "linear"))
     beta: float = knob(6.0, "inverse temperature of the exp weights")
     w_max: float = knob(100.0, "clip of the exp weights")
     goals: str = knob("auto", "the actor's goals: random dataset states, or hindsight (a later "
-                              "state of the same trajectory); auto: hindsight for gcbc, else random")
+                              "state of the same trajectory); auto: hindsight for gcbc, else random",
+                      ("auto", "random", "hindsight"))
     expectile: float = knob(0.7, "td: expectile of the TD target (0.5: the data's average move, "
                                  "towards 1: its best)")
     # optimisation (the authors: Adam 1e-3, batch 256, 100 epochs x 500 batches, critic
@@ -626,7 +634,9 @@ def plot(path, env, args, x, critic, actor, data, truth, history, metrics):
     plot_embedding(fig, a_pca, env, z, goal, to_goal)
 
     logged = [h["step"] for h in history]
-    for key in ("success_rate", "critic_success_rate", "optimal_action_rate", "monotonicity"):
+    keys = ("success_rate", "optimal_action_rate") if dz is None else (
+        "success_rate", "critic_success_rate", "optimal_action_rate", "monotonicity")
+    for key in keys:
         a_metrics.plot(logged, [h[key] for h in history], marker="o", ms=3, label=key)
     if args.algo != "gcbc":
         a_metrics.axvline(args.critic_only * args.steps, color="0.5", ls=":", label="actor starts")
@@ -638,8 +648,9 @@ def plot(path, env, args, x, critic, actor, data, truth, history, metrics):
                                   (a_loss, "td_loss", "critic: TD loss", "C0"),
                                   (a_actor, "actor_loss", "actor: weighted NLL (right axis)", "C2")):
         rows = [h for h in history if key in h]
-        ax.plot([h["step"] for h in rows], [h[key] for h in rows], marker="o", ms=3,
-                color=color, label=label)
+        if rows:
+            ax.plot([h["step"] for h in rows], [h[key] for h in rows], marker="o", ms=3,
+                    color=color, label=label)
     a_loss.set(title="Losses (mean since the last point)", xlabel="gradient step",
                ylabel="critic loss terms")
     a_actor.set_ylabel("actor loss")
@@ -715,7 +726,7 @@ def parse_args(argv=None):
             parser.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
             parser.add_argument(flag, type=f.type, default=f.default,
-                                help=f.metadata["help"] + shown)
+                                choices=f.metadata["choices"], help=f.metadata["help"] + shown)
     return Args(**vars(parser.parse_args(argv)))
 
 
@@ -736,12 +747,7 @@ def check_args(args):
         (("gamma",), lambda v: 0 < v <= 1, "in (0, 1]"),
         (("expectile",), lambda v: 0 < v < 1, "in (0, 1)"),
         (("seeds",), lambda v: v > 0, "positive"),
-        (("algo",), lambda v: v in ("metricrl", "gcbc", "td"), "metricrl, gcbc or td"),
-        (("features",), lambda v: v in ("onehot", "xy"), "onehot or xy"),
-        (("weighting",), lambda v: v in ("exp", "linear"), "exp or linear"),
-        (("negative",), lambda v: v in ("log", "inverse", "linear"), "log, inverse or linear"),
-        (("goals",), lambda v: v in ("auto", "random", "hindsight"), "auto, random or hindsight"),
-    ]
+    ]  # (the flags with a list of choices are checked by argparse)
     if args.algo == "td" and args.gamma == 1:
         raise UsageError("--algo td needs --gamma below 1 (its distance is log_gamma V)")
     for names, ok, what in rules:
@@ -777,15 +783,19 @@ def method(args):
     return name + (f"-{args.negative}" if args.negative != "log" and args.algo == "metricrl" else "")
 
 
+def map_name(spec):
+    """'maze' -> 'maze', 'maps/my_map.txt' -> 'my_map': for folder names."""
+    return os.path.splitext(os.path.basename(spec))[0]
+
+
 def output_dir(args):
     algo = method(args)
-    name = os.path.splitext(os.path.basename(args.env))[0]
     if args.out:
         out = args.out
     elif args.load:
         out = os.path.dirname(args.load) or "."
     else:
-        out = os.path.join("runs", f"{name}-{algo}-s{args.seed}")
+        out = os.path.join("runs", f"{map_name(args.env)}-{algo}-s{args.seed}")
     try:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, ".write-test"), "w"):
@@ -851,38 +861,31 @@ def peak_memory(device):
 
 
 def benchmark(args, device, out):
-    """--bench: training steps/s (critic and actor) at three critic batch sizes, then
-    evaluation pairs/s, on --device, written to bench.json."""
+    """--bench: training steps/s (critic and actor, as train logs them) at three critic
+    batch sizes, then evaluation pairs/s, on --device, written to bench.json. (Both end
+    with .item() calls, which wait for the GPU: the clocks are honest on CUDA too.)"""
     env = make_env(args.env)
     args = size_to_map(args, env)
     data = {k: v.to(device) for k, v in
             collect_dataset(env, args, np.random.default_rng(args.seed)).items()}
-    truth = ground_truth(env, device)
-    limit = gymnasium.spec("GridWorld-v0").max_episode_steps
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result = {"device": str(device), "device_name": name, "env": args.env,
               "cells": len(env.cells), "threads": torch.get_num_threads(), "train": []}
     for b in (0, 256, 1024):  # critic batch: the whole dataset (default), or B transitions
         x, critic, actor = build(env, args, device)
-        steps = min(args.steps, 300)
-        for n in (10, steps):  # a warm-up, then the timed run
+        rows = []
+        for n in (10, min(args.steps, 300)):  # a warm-up, then the timed run
             timed = dataclasses.replace(args, batch_size=b, steps=n, critic_only=0.0, eval_every=n)
-            sync()
-            t = time.time()
-            train(env, data, x, critic, actor, timed, lambda: {}, lambda row: None)
-            sync()
+            train(env, data, x, critic, actor, timed, dict, rows.append)
         result["train"].append({"batch_size": b, "actor_batch": args.actor_batch,
-                                "steps_per_s": round(steps / (time.time() - t), 1)})
+                                "steps_per_s": round(rows[-1]["steps_per_s"], 1)})
         print(f"train, critic batch {b or 'all':>5} and actor batch {args.actor_batch}: "
-              f"{result['train'][-1]['steps_per_s']:8.1f} steps/s on {name}", flush=True)
-    sync()
+              f"{rows[-1]['steps_per_s']:8.1f} steps/s on {name}", flush=True)
     t = time.time()
-    evaluate(critic_distances(critic, x, args), actor, x, truth, limit)
-    sync()
+    evaluate(critic_distances(critic, x, args), actor, x, ground_truth(env, device),
+             gymnasium.spec("GridWorld-v0").max_episode_steps)
     result["eval_pairs_per_s"] = round(len(env.cells) ** 2 / (time.time() - t))
-    print(f"evaluate {len(env.cells) ** 2} pairs: {result['eval_pairs_per_s']:,} pairs/s "
-          f"(networks after {steps + 10} training steps)")
+    print(f"evaluate {len(env.cells) ** 2} pairs: {result['eval_pairs_per_s']:,} pairs/s")
     with open(os.path.join(out, "bench.json"), "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {os.path.join(out, 'bench.json')}")
@@ -951,15 +954,15 @@ def grid(args):
         epsilons = [float(e) for e in items("epsilons")]
     except ValueError:
         raise UsageError(f"--epsilons must be numbers in [0, 1], got {args.epsilons!r}") from None
-    for flag, values in (("algos", algos), ("epsilons", epsilons), ("negatives", negatives)):
+    for flag, values, known in (("algos", algos, VARIANTS), ("negatives", negatives, NEGATIVES),
+                                ("epsilons", epsilons, None)):
         if not values:
             raise UsageError(f"--{flag} is empty")
-    for name in set(algos) - set(VARIANTS):
-        raise UsageError(f"--algos: unknown {name!r}; choose from {', '.join(VARIANTS)}")
+        for value in set(values) - set(known or values):
+            raise UsageError(f"--{flag}: unknown {value!r}; choose from {', '.join(known)}")
     for env in envs:
         make_env(env)  # a bad map fails now, not an hour into the sweep
-    root = args.out or os.path.join("runs", "compare-" + "-".join(
-        os.path.splitext(os.path.basename(e))[0] for e in envs))
+    root = args.out or os.path.join("runs", "compare-" + "-".join(map(map_name, envs)))
     plain = {f.name: f.default for f in dataclasses.fields(Args) if f.name in
              ("compare", "algos", "epsilons", "seeds", "envs", "negatives")}
     runs = []
@@ -970,9 +973,8 @@ def grid(args):
         cell = dataclasses.replace(args, **plain, **VARIANTS[algo], env=env, negative=negative,
                                    epsilon=eps, seed=seed, quiet=True)
         check_args(cell)
-        name = os.path.splitext(os.path.basename(env))[0]
         runs.append(dataclasses.replace(cell, out=os.path.join(
-            root, f"{name}-{method(cell)}-e{eps:g}-s{seed}")))
+            root, f"{map_name(env)}-{method(cell)}-e{eps:g}-s{seed}")))
     return root, runs
 
 
@@ -1027,7 +1029,7 @@ def mean_std(values):
 
 def cell_key(cell):
     """What a row of the table is: (env, method, epsilon); seeds are averaged."""
-    return os.path.splitext(os.path.basename(cell.env))[0], method(cell), cell.epsilon
+    return map_name(cell.env), method(cell), cell.epsilon
 
 
 def compare_table(results):
@@ -1060,18 +1062,22 @@ def compare_plot(path, results):
     names = list(dict.fromkeys(k[1] for k in stats))
     epsilons = sorted({k[2] for k in stats})
     at = lambda key, metric: mean_std([m[metric] for m in stats[key]])  # noqa: E731
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.4))
     if len(envs) == 1 and len(epsilons) > 1:  # the paper's data-quality figure
+        drawn = []  # critics drawn (metricrl-linear trains metricrl's critic: draw it once)
         for ax, metric in zip(axes, ("success_rate", "optimal_action_rate")):
             for i, name in enumerate(names):
                 m, sd = np.array([at((envs[0], name, e), metric) for e in epsilons]).T
                 ax.errorbar(epsilons, m, sd, marker="o", capsize=3, color=f"C{i}", label=name)
                 c = np.array([at((envs[0], name, e), "critic_success_rate")[0]
                               for e in epsilons])
-                if metric == "success_rate" and not np.isnan(c).all():
-                    ax.plot(epsilons, c, ":", color=f"C{i}", label=f"{name}: critic's own policy")
+                if metric == "success_rate" and not np.isnan(c).all() and not any(
+                        np.allclose(c, other) for other in drawn):
+                    drawn.append(c)
+                    ax.plot(epsilons, c, ":", color=f"C{i}",
+                            label=f"{name}: its critic's own greedy policy")
             ax.set(xlabel="ε of the behaviour policy (0 expert, 1 random)", ylabel=metric,
-                   ylim=(-0.02, 1.02), title=f"{metric} on '{envs[0]}', mean ± std over seeds")
+                   ylim=(-0.02, 1.02), title=f"{metric} on '{envs[0]}' (all pairs)")
     else:  # grouped bars: one group per (env, epsilon), one bar per method
         groups = [(env, e) for env in envs for e in epsilons if (env, names[0], e) in stats]
         width = 0.8 / len(names)
@@ -1083,11 +1089,15 @@ def compare_plot(path, results):
                        yerr=sd, capsize=3, color=f"C{i}", label=name)
             ax.set_xticks(range(len(groups)), [env if len(epsilons) == 1 else f"{env}\nε = {e:g}"
                                                 for env, e in groups])
-            ax.set(ylabel=metric, ylim=(0, 1.05), title=f"{metric}, mean ± std over seeds")
+            ax.set(ylabel=metric, ylim=(0, 1.05), title=f"{metric} (all pairs)")
     handles, labels = axes[0].get_legend_handles_labels()
     order = sorted(range(len(labels)), key=lambda i: labels[i])  # each method beside its critic
-    axes[0].legend([handles[i] for i in order], [labels[i] for i in order], fontsize=8)
-    fig.tight_layout()
+    fig.legend([handles[i] for i in order], [labels[i] for i in order], loc="lower center",
+               ncol=min(4, len(labels)), fontsize=9)
+    seeds = len(next(iter(stats.values())))
+    fig.suptitle(f"Same data, same actor network, same exact evaluation: only the method "
+                 f"differs. Mean ± std over {seeds} seed(s)")
+    fig.tight_layout(rect=(0, 0.04 + 0.04 * math.ceil(len(labels) / 4), 1, 1))
     fig.savefig(path, dpi=80)
     plt.close(fig)
 

@@ -1,8 +1,11 @@
 """Tests for gridworld.py (the ground truth) and metricrl.py (the method). All on CPU, tiny maps."""
 import os
+import re
+import shlex
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import gymnasium
 import numpy as np
@@ -441,7 +444,14 @@ def test_bench_writes_positive_figures(tmp_path):
     (["--out", "FILE/sub"], "cannot write there"),
     (["--load", "missing.pt"], "not a metricrl checkpoint"),
     (["--load", "FILE"], "not a metricrl checkpoint"),
-    (["--features", "pixels"], "--features must be onehot or xy"),
+    (["--features", "pixels"], "argument --features: invalid choice: 'pixels'"),
+    (["--algo", "sac"], "argument --algo: invalid choice: 'sac'"),
+    (["--compare", "--algos", "metricrl,sac"], "--algos: unknown 'sac'"),
+    (["--compare", "--epsilons", "0,x"], "--epsilons must be numbers in [0, 1]"),
+    (["--compare", "--negatives", "log,cosh"], "--negatives: unknown 'cosh'"),
+    (["--compare", "--epsilons", "0,2"], "--epsilon must be in [0, 1], got 2.0"),
+    (["--compare", "--envs", "maze,castle"], "unknown layout 'castle'"),
+    (["--algo", "td", "--gamma", "1"], "--algo td needs --gamma below 1"),
     (["--steps", "many"], "invalid int value"),
     (["--seed", "-1"], "--seed must be 0 or more"),
     (["--lr", "nan"], "--lr must be positive"),
@@ -603,3 +613,17 @@ def test_compare_writes_table_and_figure_and_resumes(tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cmp").glob("*/metrics.json")} == first
     metricrl.main(flags[:-2] + ["--steps", "40", "--out", str(tmp_path / "cmp")])  # new flags
     assert all(p.stat().st_mtime_ns != first[p] for p in first)
+
+
+def test_readme_exercises_run_as_written(tmp_path):
+    """Every command in the README's Exercises runs (with few steps here)."""
+    text = (Path(HERE) / "README.md").read_text()
+    section = text.split("## Exercises")[1].split("\n## ")[0]
+    commands = [line.strip() for line in section.splitlines()
+                if line.strip().startswith("python metricrl.py ")]
+    assert 6 <= len(re.findall(r"^\d\. \*\*", section, re.M)) <= 8 and len(commands) >= 8
+    for i, command in enumerate(commands):
+        argv = shlex.split(command)[2:]
+        metrics = metricrl.main([*argv, "--steps", "30", "--eval-every", "30", "--quiet",
+                                 "--out", str(tmp_path / str(i))])
+        assert 0 <= metrics["success_rate"] <= 1, command

@@ -43,7 +43,7 @@ matplotlib.use("Agg")  # draw to files; no screen needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-NEGATIVES = ("log", "inverse", "linear")  # shapes of the critic's push, see push()
+NEGATIVES = ("log", "inverse", "raw")  # shapes of the critic's push, see push()
 
 
 def knob(default, help, choices=None):
@@ -70,7 +70,7 @@ class Args:
     hidden: int = knob(128, "width of the hidden layers of phi and pi")
     lam: float = knob(1.0, "lambda, weight of the contrastive (negative) term")
     negative: str = knob("log", "shape of the push on pairs at latent distance d: log, -log d "
-                                "(the paper); inverse, 1/d (short range); linear, -d",
+                                "(the paper); inverse, 1/d (short range); raw, -d (no transform)",
                          NEGATIVES)
     # value and actor
     gamma: float = knob(0.99, "discount in V(s, g) = gamma^d(s, g)")
@@ -201,7 +201,7 @@ def build(env, args, device):
 def push(d, shape, eps=1e-6):
     """The negative term on pairs at latent distance d, any shape. The paper's -log d
     pushes with force 1/d: strong up close, weak far away, never zero. inverse, 1/d, has
-    force 1/d^2: it spreads neighbours and leaves far pairs alone. linear, -d, pushes all
+    force 1/d^2: it spreads neighbours and leaves far pairs alone. raw, -d, pushes all
     pairs alike (the log transform dropped)."""
     if shape == "log":
         return -torch.log(d + eps)

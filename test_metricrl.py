@@ -531,7 +531,7 @@ def test_push_shapes_hand_computed():
     d = torch.tensor([0.5, 2.0])
     assert metricrl.push(d, "log").tolist() == pytest.approx([-np.log(0.5), -np.log(2.0)], rel=1e-5)
     assert metricrl.push(d, "inverse").tolist() == pytest.approx([2.0, 0.5], rel=1e-5)
-    assert metricrl.push(d, "linear").tolist() == pytest.approx([-0.5, -2.0])
+    assert metricrl.push(d, "raw").tolist() == pytest.approx([-0.5, -2.0])
     z = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
     s, s2 = torch.tensor([0, 1]), torch.tensor([2, 3])
     _, info = metricrl.critic_loss(z, z, s, s2, lam=1.0, shape="inverse")

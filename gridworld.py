@@ -13,7 +13,11 @@ That ground truth is what metricrl.py measures a learned critic and policy again
 
 ## Action Space
 `Discrete(4)`: 0 up, 1 right, 2 down, 3 left (absolute moves). A move into a wall
-or off the map leaves the agent where it is.
+or off the map leaves the agent where it is. A one-way cell (`^ > v <` on the map) can
+be entered from any side but left only in its arrow's direction; any other move stays.
+Then actions are not invertible and distances are not symmetric: `distance_matrix()`
+is from row to column. With `slip=p`, a move goes in one of the three other directions
+(uniformly) with probability p; the ground truth stays the deterministic BFS.
 
 ## Observation Space
 A `Dict` in the Gymnasium-Robotics goal-conditioned convention, each entry the
@@ -32,6 +36,7 @@ named map including `maze51` (diameter 224).
 `layout`: a name from `LAYOUTS`, `maze<N>` for a generated N x N maze (odd N >= 7),
 a path to a text file of ASCII rows, or the rows themselves as one string.
 `render_mode`: None, "ansi" or "rgb_array".
+`slip`: probability that a move slips to another direction (default 0: deterministic).
 """
 import functools
 import os
@@ -40,12 +45,14 @@ import re
 import gymnasium
 import numpy as np
 
-# Map characters. A later cell type (e.g. one-way cells) is one more entry here.
-WALL, FREE = "#", "."
-CELL_CHARS = {WALL: "wall", FREE: "free cell"}
-
 # Action a moves by MOVES[a] = (d_row, d_col): 0 up, 1 right, 2 down, 3 left.
 MOVES = np.array([(-1, 0), (0, 1), (1, 0), (0, -1)])
+
+# Map characters: walls, free cells, and one-way free cells left only by their action.
+WALL, FREE = "#", "."
+ONE_WAY = {"^": 0, ">": 1, "v": 2, "<": 3}
+CELL_CHARS = {WALL: "wall", FREE: "free cell",
+              **{ch: f"one-way cell (left only by action {a})" for ch, a in ONE_WAY.items()}}
 
 LAYOUTS = {
     # An empty room: 8 x 8 free cells, diameter 14.
@@ -107,6 +114,22 @@ LAYOUTS = {
 #.#####.#.#.#####.#.#
 #.........#.......#.#
 #####################""",
+    # Four rooms with two one-way doors (> and <), a circulation: east at the top, west
+    # at the bottom. From the top-right room back to the top-left one is 3 rooms around.
+    "oneway": """
+#############
+#.....#.....#
+#.....#.....#
+#.....>.....#
+#.....#.....#
+#.....#.....#
+##.####.....#
+#.....###.###
+#.....#.....#
+#.....#.....#
+#.....<.....#
+#.....#.....#
+#############""",
 }
 
 
@@ -214,6 +237,9 @@ def _transitions(text):
     target = np.where(inside[..., None], target, cells[:, None, :])  # off-map: stay
     nxt = index[target[..., 0], target[..., 1]]  # (N, 4), -1 where a wall
     nxt = np.where(nxt >= 0, nxt, np.arange(len(cells))[:, None])  # wall: stay
+    for ch, a in ONE_WAY.items():  # one-way cells: every other action stays
+        i = index[grid == ch]  # (K,)
+        nxt[i[:, None], np.flatnonzero(np.arange(4) != a)[None]] = i[:, None]
     return _frozen(cells), _frozen(index), _frozen(nxt)
 
 
@@ -271,9 +297,12 @@ class GridWorld(gymnasium.Env):
 
     metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
 
-    def __init__(self, layout="maze", render_mode=None):
+    def __init__(self, layout="maze", render_mode=None, slip=0.0):
         if render_mode not in (None, *self.metadata["render_modes"]):
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}")
+        if not 0 <= slip <= 1:
+            raise ValueError(f"slip must be in [0, 1], got {slip}")
+        self.slip = slip
         self.layout = load_layout(layout)
         self.render_mode = render_mode
         self.grid = parse_layout(self.layout)  # (H, W) map characters
@@ -335,7 +364,10 @@ class GridWorld(gymnasium.Env):
         return self._obs(), self._info()
 
     def step(self, action):
-        self.agent = int(self.transitions()[self.agent, int(action)])
+        action = int(action)
+        if self.slip and self.np_random.random() < self.slip:  # one of the other three
+            action = (action + 1 + int(self.np_random.integers(3))) % 4
+        self.agent = int(self.transitions()[self.agent, action])
         reached = self.agent == self.goal
         return self._obs(), float(reached), reached, False, self._info()
 
@@ -351,6 +383,7 @@ class GridWorld(gymnasium.Env):
             return "\n".join("".join(row) for row in grid)
         if self.render_mode == "rgb_array":
             colors = np.where((self.grid == WALL)[..., None], [40, 40, 40], [235, 235, 235])
+            colors[np.isin(self.grid, list(ONE_WAY))] = [235, 200, 120]  # one-way cells
             colors[tuple(self.cells[self.goal])] = [40, 170, 60]
             colors[tuple(self.cells[self.agent])] = [30, 90, 220]
             return np.kron(colors, np.ones((8, 8, 1))).astype(np.uint8)  # 8 px a cell

@@ -7,10 +7,13 @@ Offline Data via Metric Learning", arXiv 2402.10820.
     python metricrl.py --env maze --device cuda    # on a GPU
     python metricrl.py --env rooms --epsilon 0.5   # half-expert data
     python metricrl.py --load runs/maze-metricrl-s0/model.pt   # re-evaluate a checkpoint
+    python metricrl.py --algo gcbc                 # a baseline: gcbc or td
+    python metricrl.py --compare --env maze        # every method on data of every quality
 
 The file reads top to bottom in the paper's order: knobs (Args), offline data,
 the metric critic phi (Sec. 3), the value V = gamma^d (Sec. 3.1) and the advantage,
-the weighted-imitation actor (Sec. 3.3), the exact evaluation, plots, main.
+the weighted-imitation actor (Sec. 3.3), the baselines' critics, training (Algorithm 1),
+the exact evaluation; then plots, checkpoints, the command line and --compare.
 
 Shapes: N free cells, B batch, F features per cell, k latent size, P (state, goal) pairs.
 """
@@ -197,7 +200,7 @@ def build(env, args, device):
     return x, critic, PairNet(f, h).to(device)
 
 
-# ================================================================ 2. critic (paper Sec. 3)
+# =========================================================== 2. critic (paper Sec. 3)
 def push(d, shape, eps=1e-6):
     """The negative term on pairs at latent distance d, any shape. The paper's -log d
     pushes with force 1/d: strong up close, weak far away, never zero. inverse, 1/d, has
@@ -257,7 +260,7 @@ def dataset_critic_loss(z, counts, lam, shape="log"):
     return positive + lam * negative, {"positive": positive, "negative": negative}
 
 
-# =========================================== 3. value (Sec. 3.1) and advantage (Sec. 3.3)
+# ======================================= 3. value (Sec. 3.1) and advantage (Sec. 3.3)
 def latent_distance(z, zg):
     """d_phi(s, g) = ||phi(s) - phi(g)||, row-wise: (..., k), (..., k) -> (...)."""
     return (z - zg).norm(dim=-1)
@@ -312,7 +315,7 @@ def sample(data, n, goals, args):
     return s, a, s2, g
 
 
-# ================================== 5. the baselines: the same data and actor, other critics
+# =========================== 5. the baselines: the same data and actor, other critics
 # gcbc has no critic: every weight is 1, and its goals are hindsight goals (see sample).
 TARGET_RATE = 0.5  # td: V_target moves this share of the way to V after each step (tuned)
 
@@ -338,7 +341,7 @@ def td_distance(v, x, s, g, gamma):
     return torch.log(v(x, s, g)[:, 0].clamp(1e-6, 1)) / math.log(gamma)
 
 
-# ======================================================= 6. training (Algorithm 1)
+# ========================================================== 6. training (Algorithm 1)
 def critic_step(critic, target, x, data, counts, args):
     """One step of the method's critic: (loss, info, dist), with dist(s, g) -> (B,) its
     distances for the actor's weights (None for gcbc, which has no critic)."""
@@ -407,7 +410,7 @@ def train(env, data, x, critic, actor, args, evaluate_fn, log):
             sums, n_sums, tick, last = {}, {}, time.time(), step
 
 
-# =========================================================== 7. evaluation (exact, BFS)
+# ========================================================= 7. evaluation (exact, BFS)
 METRICS = ("success_rate", "path_ratio", "optimal_action_rate", "value_greedy_rate",
            "critic_success_rate", "spearman", "monotonicity")
 
@@ -531,7 +534,7 @@ def evaluate(dz, actor, x, truth, limit):
             "monotonicity": monotonicity(dz, d)}
 
 
-# ========================================================================= 8. plots
+# =========================================================================== 8. plots
 def grid_image(env, values):
     """Values per cell (N,) -> (H, W) array for imshow, walls masked."""
     image = np.full((env.height, env.width), np.nan)
@@ -667,7 +670,7 @@ def plot(path, env, args, x, critic, actor, data, truth, history, metrics):
     plt.close(fig)
 
 
-# ================================================================ 9. save and load
+# =================================================================== 9. save and load
 def save_checkpoint(path, env, args, critic, actor, history):
     torch.save({"critic": critic.state_dict() if critic else None, "actor": actor.state_dict(),
                 "args": dataclasses.asdict(args), "layout": env.layout, "history": history}, path)
@@ -710,7 +713,7 @@ def load_agent(path, device="cpu"):
     return agent
 
 
-# ========================================================================== 10. main
+# =========================================================================== 10. main
 class UsageError(Exception):
     """Bad input from the command line: one line on stderr, exit code 2."""
 
@@ -939,7 +942,7 @@ def run(args, start, summary=True):
     return metrics
 
 
-# ======================================== 11. --compare: a grid of runs, a table, a figure
+# =================================== 11. --compare: a grid of runs, a table, a figure
 VARIANTS = {"metricrl": {}, "metricrl-linear": {"weighting": "linear"},  # --algos names
             "gcbc": {"algo": "gcbc"}, "td": {"algo": "td"}}
 REPORTED = ("success_rate", "path_ratio", "optimal_action_rate", "critic_success_rate")

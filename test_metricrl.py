@@ -165,6 +165,69 @@ def test_generated_maze_is_identical_across_processes():
     assert outs[0] == outs[1] and outs[0].count("\n") == 21
 
 
+ONE_WAY_RING = "#####\n#.>.#\n#.#.#\n#...#\n#####"  # 8 cells in a ring, one one-way
+
+
+def test_directed_bfs_with_a_one_way_cell_by_hand():
+    env = GridWorld(ONE_WAY_RING)
+    # cells 0 (1,1), 1 (1,2) '>', 2 (1,3), 3 (2,1), 4 (2,3), 5 (3,1), 6 (3,2), 7 (3,3).
+    # Around the ring clockwise: 0 1 2 4 7 6 5 3. Cell 1 is left only to the right (2),
+    # so counter-clockwise paths cannot pass it: they go the long way round.
+    expected = [[0, 1, 2, 1, 3, 2, 3, 4],
+                [7, 0, 1, 6, 2, 5, 4, 3],
+                [6, 1, 0, 5, 1, 4, 3, 2],
+                [1, 2, 3, 0, 4, 1, 2, 3],
+                [5, 2, 1, 4, 0, 3, 2, 1],
+                [2, 3, 4, 1, 3, 0, 1, 2],
+                [3, 4, 3, 2, 2, 1, 0, 1],
+                [4, 3, 2, 3, 1, 2, 1, 0]]
+    d = env.distance_matrix()
+    assert d.tolist() == expected
+    assert d[0, 2] == 2 and d[2, 0] == 6  # the way back differs from the way there
+    assert env.transitions()[1].tolist() == [1, 2, 1, 1]  # only "right" leaves cell 1
+    opt = env.optimal_actions()
+    assert opt[1, 0].tolist() == [False, True, False, False]  # from 1 to 0: right, around
+    assert opt[2, 0].tolist() == [False, False, True, False]  # not left: 1 cannot be passed
+
+
+def test_stepping_honours_the_arrow():
+    env = gymnasium.make("GridWorld-v0", layout=ONE_WAY_RING).unwrapped
+    env.reset(seed=0, options={"start": (1, 3), "goal": (1, 1)})
+    _, _, _, _, info = env.step(3)  # left into the one-way cell: entering is allowed
+    assert tuple(env.cells[env.agent]) == (1, 2) and info["distance"] == 7
+    for action in (0, 2, 3):  # up, down, left: all stay
+        env.step(action)
+        assert tuple(env.cells[env.agent]) == (1, 2)
+    env.step(1)
+    assert tuple(env.cells[env.agent]) == (1, 3)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_slip_frequency(p):
+    env = gymnasium.make("GridWorld-v0", layout="open", slip=p).unwrapped
+    env.reset(seed=1, options={"start": (4, 4), "goal": (1, 1)})
+    nxt, slips, n = env.transitions(), 0, 4000
+    for k in range(n):
+        if k % 50 == 0:  # back to the middle, away from the walls
+            env.reset(options={"start": (4, 4), "goal": (1, 1)})
+        before, action = env.agent, k % 4
+        env.step(action)
+        slips += env.agent != nxt[before, action]
+    # a slip to another direction always lands elsewhere in the middle of the room,
+    # except near walls: expected rate p (within 4 standard deviations)
+    assert abs(slips / n - p) <= 4 * np.sqrt(p * (1 - p) / n) + 0.01
+    with pytest.raises(ValueError, match="slip"):
+        GridWorld("open", slip=1.5)
+
+
+def test_oneway_map_is_connected_and_asymmetric():
+    env = GridWorld("oneway")
+    d = env.distance_matrix()
+    assert (d >= 0).all() and (d != d.T).mean() > 0.3
+    a, b = env.cell_index(3, 1), env.cell_index(3, 11)
+    assert d[a, b] == 10 and d[b, a] == 24
+
+
 def test_named_maps():
     assert GridWorld("maze").distance_matrix().max() >= 40
     assert 90 <= len(GridWorld("maze").cells) <= 110

@@ -68,10 +68,21 @@ class Args:
                                "else a shortest-path move (1.0: purely random data)")
     features: str = knob("onehot", "state features: onehot (of the cell) or xy (coordinates)",
                          ("onehot", "xy"))
+    slip: float = knob(0.0, "probability that a move slips to another direction, in the data "
+                            "and in the evaluation's rollouts (then seeded, not exact)")
+    data: str = knob("all", "all: one dataset of the whole map; split: the left and right "
+                            "halves collected apart, never a move across", ("all", "split"))
+    super_state: bool = knob(False, "join the last state of every trajectory to one virtual "
+                                    "state (all-zero features), as the paper's fix for split data")
     # critic
     latent: int = knob(32, "k, the size of the embedding phi(s)")
     hidden: int = knob(128, "width of the hidden layers of phi and pi")
     lam: float = knob(1.0, "lambda, weight of the contrastive (negative) term")
+    metric: str = knob("euclidean", "d_phi: euclidean (the paper), or quasimetric (asymmetric, "
+                                    "for one-way moves)", ("euclidean", "quasimetric"))
+    objective: str = knob("paper", "critic loss: paper (pull to 1, push with --negative), or "
+                                   "constrained (push apart, subject to d(s, s') <= 1)",
+                          ("paper", "constrained"))
     negative: str = knob("log", "shape of the push on pairs at latent distance d: log, -log d "
                                 "(the paper); inverse, 1/d (short range); raw, -d (no transform)",
                          NEGATIVES)
@@ -123,12 +134,16 @@ def collect_dataset(env, args, rng):
     """Offline data: `episodes` trajectories of `episode_len` steps, all run at once.
 
     Behaviour: a uniformly random action with probability epsilon, else a shortest-path
-    action towards a target cell (drawn per episode, and again when reached).
+    action towards a target cell (drawn per episode, and again when reached). With
+    --slip p the move goes in one of the other three directions with probability p (the
+    data records the action chosen). With --data split the map's left and right halves
+    are collected apart: a move across stays in place, as if a wall stood between them.
     Returns int64 tensors s, a, s2 (next state) and episode, t, each (M,), M = transitions;
     transition t of episode e sits at index t * episodes + e (for hindsight goals).
     """
     nxt, opt = env.transitions(), env.optimal_actions()
     n, e = len(nxt), args.episodes
+    half = 2 * env.cells[:, 1] >= env.width  # (N,) the right half, for --data split
     state, target = rng.integers(n, size=e), rng.integers(n, size=e)
     steps = []
     for t in range(args.episode_len):  # vectorized over episodes
@@ -136,8 +151,14 @@ def collect_dataset(env, args, rng):
         greedy = np.argmax(expert + rng.random((e, 4)), axis=1)  # a random optimal one
         uniform = rng.integers(4, size=e)
         act = np.where((rng.random(e) < args.epsilon) | ~expert.any(1), uniform, greedy)
-        steps.append((state, act, nxt[state, act], np.arange(e), np.full(e, t)))
-        state = nxt[state, act]
+        moved = act
+        if args.slip:  # (no draw without slip: the same data as before)
+            moved = np.where(rng.random(e) < args.slip, (act + 1 + rng.integers(3, size=e)) % 4, act)
+        after = nxt[state, moved]
+        if args.data == "split":
+            after = np.where(half[after] == half[state], after, state)
+        steps.append((state, act, after, np.arange(e), np.full(e, t)))
+        state = after
         target = np.where(state == target, rng.integers(n, size=e), target)
     columns = [np.concatenate(c) for c in zip(*steps)]
     return dict(zip(("s", "a", "s2", "episode", "t"), map(torch.as_tensor, columns)))
@@ -211,7 +232,7 @@ def push(d, shape, eps=1e-6):
     return 1 / (d + eps) if shape == "inverse" else -d
 
 
-def critic_loss(z, z2, s, s2, lam, shape="log"):
+def critic_loss(z, z2, s, s2, lam, shape="log", metric="euclidean"):
     """The paper's contrastive metric loss on one batch of transitions.
 
     z, z2: (B, k) embeddings phi(s_i), phi(s'_i); s, s2: (B,) their cell indices.
@@ -225,9 +246,9 @@ def critic_loss(z, z2, s, s2, lam, shape="log"):
     cell are left out of the push: their distance is 0 by construction.
     """
     moved = (s != s2).float()  # (B,)
-    d_pos = (z2 - z).norm(dim=-1)  # (B,)
+    d_pos = latent_distance(z, z2, metric)  # (B,) from s_i to s'_i
     positive = (moved * (d_pos - 1) ** 2).sum() / moved.sum().clamp(min=1)
-    d_all = torch.cdist(z, z2)  # (B, B): d(phi(s_i), phi(s'_j))
+    d_all = pairwise(z, z2, metric)  # (B, B): d(phi(s_i), phi(s'_j))
     eye = torch.eye(len(s), dtype=torch.bool, device=s.device)
     other = ((s[:, None] != s2[None, :]) & ~eye).float()  # (B, B): i != j, different cells
     negative = (other * push(d_all, shape)).sum() / other.sum().clamp(min=1)
@@ -242,7 +263,7 @@ def transition_counts(data, n):
     return c, c2, e
 
 
-def dataset_critic_loss(z, counts, lam, shape="log"):
+def dataset_critic_loss(z, counts, lam, shape="log", metric="euclidean"):
     """critic_loss with the whole dataset as one batch (--batch-size 0), summed per pair
     of cells (u, v) instead of per pair of transitions: M^2 pairs become N^2.
 
@@ -251,7 +272,7 @@ def dataset_critic_loss(z, counts, lam, shape="log"):
       negative: c[u] c2[v] - e[u, v] pairs i != j with s_i = u, s'_j = v, u != v
     """
     c, c2, e = counts
-    d = torch.cdist(z, z)  # (N, N)
+    d = pairwise(z, z, metric)  # (N, N), from row to column
     other = 1 - torch.eye(len(z), dtype=z.dtype, device=z.device)  # u != v
     moved = e * other
     positive = (moved * (d - 1) ** 2).sum() / moved.sum().clamp(min=1)
@@ -260,10 +281,63 @@ def dataset_critic_loss(z, counts, lam, shape="log"):
     return positive + lam * negative, {"positive": positive, "negative": negative}
 
 
+def constrained_loss(z, counts, mu, metric):
+    """--objective constrained (QRL's argument, Wang et al. 2023): push every pair apart,
+    subject to d_phi(s -> s') <= 1 on every transition of the data:
+
+      loss = -mean_{u != v} d(u -> v) + mu * mean_{moves u -> v} relu(d(u -> v) - 1)^2
+
+    With the constraints met, the triangle inequality gives d(u -> v) <= d_S(u, v) along
+    any path of the data, and the push lifts every pair to that bound: the optimum is the
+    shortest-path distance itself, which a quasimetric can hold exactly. mu, a Lagrange
+    multiplier, rises while the constraints are broken (critic_step). z (N, k).
+    """
+    c, c2, e = counts
+    d = pairwise(z, z, metric)  # (N, N)
+    other = 1 - torch.eye(len(z), dtype=z.dtype, device=z.device)
+    moved, pairs = e * other, c[:, None] * c2[None, :] * other
+    violation = (moved * (d - 1).relu() ** 2).sum() / moved.sum().clamp(min=1)
+    push = (pairs * d).sum() / pairs.sum().clamp(min=1)
+    return -push + mu * violation, {"push": push, "violation": violation}
+
+
+def with_super_state(data, args, n):
+    """--super-state, the paper's fix for disconnected data (Sec. 3.4): one virtual state,
+    index n, with all-zero features (the authors join the last frame of each trajectory
+    to an all-zero observation), and a move to it from the last state of every
+    trajectory, so the data's components meet there. For the critic only: no action
+    leads there. Returns s, a, s2, each (M + E,)."""
+    last = data["s2"][-args.episodes:]  # (E,) the last block of the data is t = T - 1
+    return {"s": torch.cat([data["s"], last]), "a": torch.cat([data["a"], 0 * last]),
+            "s2": torch.cat([data["s2"], torch.full_like(last, n)])}
+
+
+def embed(critic, x, args):
+    """phi of every cell, (N, k); with --super-state one more row, the virtual state."""
+    return critic(torch.cat([x, x.new_zeros(1, x.shape[1])]) if args.super_state else x)
+
+
 # ======================================= 3. value (Sec. 3.1) and advantage (Sec. 3.3)
-def latent_distance(z, zg):
-    """d_phi(s, g) = ||phi(s) - phi(g)||, row-wise: (..., k), (..., k) -> (...)."""
-    return (z - zg).norm(dim=-1)
+def latent_distance(z, zg, metric="euclidean"):
+    """d_phi(s, g) from s to g, row-wise: (..., k), (..., k) -> (...).
+
+    euclidean: ||phi(s) - phi(g)||, the paper's: symmetric, so it cannot hold one-way
+    moves. quasimetric (a metric residual network head, Liu et al. 2023): the first k/2
+    coordinates give a Euclidean part, the others max_i relu(phi_i(s) - phi_i(g)). Both
+    parts are 0 from s to s, never negative and obey the triangle inequality, and the
+    second differs from s to g and from g to s.
+    """
+    if metric == "euclidean":
+        return (z - zg).norm(dim=-1)
+    h = z.shape[-1] // 2
+    return (z[..., :h] - zg[..., :h]).norm(dim=-1) + (z[..., h:] - zg[..., h:]).relu().amax(-1)
+
+
+def pairwise(z, z2, metric="euclidean"):
+    """All pairs: (N, k), (M, k) -> (N, M), [i, j] = d_phi from z_i to z2_j."""
+    if metric == "euclidean":
+        return torch.cdist(z, z2)
+    return latent_distance(z[:, None], z2[None], metric)
 
 
 def value(d, gamma):
@@ -318,6 +392,7 @@ def sample(data, n, goals, args):
 # =========================== 5. the baselines: the same data and actor, other critics
 # gcbc has no critic: every weight is 1, and its goals are hindsight goals (see sample).
 TARGET_RATE = 0.5  # td: V_target moves this share of the way to V after each step (tuned)
+DUAL_RATE = 1.0  # --objective constrained: mu grows by this times the mean violation
 
 
 def td_loss(v, v_target, x, s, s2, g, args):
@@ -342,24 +417,30 @@ def td_distance(v, x, s, g, gamma):
 
 
 # ========================================================== 6. training (Algorithm 1)
-def critic_step(critic, target, x, data, counts, args):
+def critic_step(critic, x, data, counts, args, memory):
     """One step of the method's critic: (loss, info, dist), with dist(s, g) -> (B,) its
-    distances for the actor's weights (None for gcbc, which has no critic)."""
+    distances for the actor's weights (None for gcbc, which has no critic). memory holds
+    what a critic keeps from step to step: td's V_target, the constrained objective's mu.
+    data: the critic's transitions (with the super-state's, see with_super_state)."""
     if args.algo == "gcbc":
         return torch.zeros((), device=x.device), {}, None
     if args.algo == "td":
         s, _, s2, g = sample(data, args.actor_batch, "mixed", args)  # (B_actor,)
-        loss = td_loss(critic, target, x, s, s2, g, args)
+        loss = td_loss(critic, memory["target"], x, s, s2, g, args)
         info = {"td_loss": loss, "critic_loss": loss}
         return loss, info, lambda s, g: td_distance(critic, x, s, g, args.gamma)
-    z = critic(x)  # (N, k): every cell once; a batch gathers rows
-    if args.batch_size > 0:
+    z = embed(critic, x, args)  # (N, k): every cell once; a batch gathers rows
+    if args.objective == "constrained":
+        loss, info = constrained_loss(z, counts, memory["mu"], args.metric)
+        memory["mu"] = (memory["mu"] + DUAL_RATE * info["violation"].detach()).clamp(max=1e4)
+    elif args.batch_size > 0:
         s, _, s2, _ = sample(data, args.batch_size, None, args)  # (B,)
-        loss, info = critic_loss(z[s], z[s2], s, s2, args.lam, args.negative)
+        loss, info = critic_loss(z[s], z[s2], s, s2, args.lam, args.negative, args.metric)
     else:  # the whole dataset as one batch
-        loss, info = dataset_critic_loss(z, counts, args.lam, args.negative)
+        loss, info = dataset_critic_loss(z, counts, args.lam, args.negative, args.metric)
     zd = z.detach()
-    return loss, {**info, "critic_loss": loss}, lambda s, g: latent_distance(zd[s], zd[g])
+    return loss, {**info, "critic_loss": loss}, lambda s, g: latent_distance(
+        zd[s], zd[g], args.metric)
 
 
 def train(env, data, x, critic, actor, args, evaluate_fn, log):
@@ -367,9 +448,10 @@ def train(env, data, x, critic, actor, args, evaluate_fn, log):
     the actor from the start).
 
     phi runs on every cell once a step, z = phi(x) (N, k), and a batch gathers its rows:
-    the same numbers and gradients as phi on the batch, cheaper. The actor's goals are
-    dataset states drawn uniformly (not the one the data was collected for: random data
-    has none; the critic's distances hold for every pair). The two losses share one
+    the same numbers and gradients as phi on the batch, cheaper. MetricRL's actor takes
+    dataset states drawn uniformly as goals (not the one the data was collected for:
+    random data has none; the critic's distances hold for every pair); --goals changes
+    that, and gcbc takes hindsight goals (see sample). The two losses share one
     backward pass: the weights w carry no gradient, so the actor's loss does not move the
     critic. The actor's learning rate falls linearly to 0 over its steps, so the last
     policy is not a noisy iterate.
@@ -380,12 +462,14 @@ def train(env, data, x, critic, actor, args, evaluate_fn, log):
     actor_from = 0 if args.algo == "gcbc" else int(args.critic_only * args.steps)
     decay = torch.optim.lr_scheduler.LambdaLR(opt, [  # per group: critic, actor
         lambda k: 1.0, lambda k: min(1.0, (args.steps - k) / max(1, args.steps - actor_from))])
-    target = copy.deepcopy(critic) if args.algo == "td" else None  # td's V_target
+    memory = {"target": copy.deepcopy(critic) if args.algo == "td" else None,  # td's V_target
+              "mu": torch.ones((), device=x.device)}  # the constrained objective's multiplier
     goals = args.goals if args.goals != "auto" else "hindsight" if args.algo == "gcbc" else "random"
-    counts = transition_counts(data, len(x))  # for --batch-size 0
+    cdata = with_super_state(data, args, len(x)) if args.super_state else data
+    counts = transition_counts(cdata, len(x) + args.super_state)  # for --batch-size 0
     sums, n_sums, tick, last = {}, {}, time.time(), 0
     for step in range(1, args.steps + 1):
-        loss, info, dist = critic_step(critic, target, x, data, counts, args)
+        loss, info, dist = critic_step(critic, x, cdata, counts, args, memory)
         if step > actor_from:
             s, a, s2, g = sample(data, args.actor_batch, goals, args)  # (B_actor,)
             with torch.no_grad():
@@ -397,9 +481,9 @@ def train(env, data, x, critic, actor, args, evaluate_fn, log):
         loss.backward()
         opt.step()
         decay.step()
-        if target is not None:
+        if memory["target"] is not None:
             with torch.no_grad():
-                for p_target, p in zip(target.parameters(), critic.parameters()):
+                for p_target, p in zip(memory["target"].parameters(), critic.parameters()):
                     p_target.lerp_(p, TARGET_RATE)
         for k, v in info.items():  # summed on the device: no host sync per step
             sums[k], n_sums[k] = sums.get(k, 0) + v.detach(), n_sums.get(k, 0) + 1
@@ -440,8 +524,8 @@ def critic_distances(critic, x, args):
     """The critic's distance between all cells, (N, N): ||phi(s) - phi(g)|| for metricrl,
     log_gamma V(s, g) for td; None for gcbc."""
     if args.algo == "metricrl":
-        z = critic(x)
-        return torch.cdist(z, z)
+        z = embed(critic, x, args)[:len(x)]  # (N, k), without the super-state
+        return pairwise(z, z, args.metric)
     if args.algo == "td":
         return torch.log(pair_table(critic, x)[..., 0].clamp(1e-6, 1)) / math.log(args.gamma)
 
@@ -451,7 +535,7 @@ def critic_table(dz, nxt):
     return dz[nxt].argmin(dim=1)  # dz[nxt]: (N, 4, N)
 
 
-def rollout(table, nxt, limit, goals=None):
+def rollout(table, nxt, limit, goals=None, slip=0.0, seed=0):
     """Roll every (s, g) out with the action table (N, N) by look-ups, all pairs at once.
 
     A greedy table is deterministic, so a pair that comes back to a cell it has visited
@@ -459,9 +543,12 @@ def rollout(table, nxt, limit, goals=None):
     its cell with the one it saved at step 1, 2, 4, 8, ..., and a pair in a loop meets its
     saved cell within about twice the loop's length; it stops there, failed. Only pairs
     still on their way are moved, so the few long paths cost little. `goals` (a list of
-    cell indices) rolls out only the pairs towards those goals.
+    cell indices) rolls out only the pairs towards those goals. With slip > 0 each move
+    goes in one of the other three directions with that probability (seeded draws; no
+    loop check, a slipping pair may still get out of a loop).
     Returns reached (N, N) bool, steps taken (N, N).
     """
+    gen = torch.Generator(device=table.device).manual_seed(seed)
     n = len(table)
     pair = torch.arange(n * n, device=table.device)
     pos, goal = pair // n, pair % n  # (P,) flat pairs, P = N^2
@@ -473,9 +560,14 @@ def rollout(table, nxt, limit, goals=None):
     for t in range(1, limit + 1):
         if len(live) == 0:
             break
-        pos[live] = nxt[pos[live], table[pos[live], goal[live]]]
+        act = table[pos[live], goal[live]]  # (L,)
+        if slip:
+            other = (act + 1 + torch.randint(3, act.shape, generator=gen, device=act.device)) % 4
+            act = torch.where(torch.rand(act.shape, generator=gen, device=act.device) < slip,
+                              other, act)
+        pos[live] = nxt[pos[live], act]
         steps[live] += 1
-        live = live[(pos[live] != goal[live]) & (pos[live] != saved[live])]
+        live = live[(pos[live] != goal[live]) & ((pos[live] != saved[live]) | (slip > 0))]
         if t & (t - 1) == 0:  # t is a power of two
             saved[live] = pos[live]
     return (pos == goal).view(n, n), steps.view(n, n)
@@ -507,9 +599,11 @@ def monotonicity(dz, d, triplets=200_000, seed=0):
 
 
 @torch.no_grad()
-def evaluate(dz, actor, x, truth, limit):
+def evaluate(dz, actor, x, truth, limit, slip=0.0):
     """All metrics against the BFS truth, over every ordered reachable pair (s, g), s != g
     (monotonicity over a fixed sample of triplets). The critic's are nan without a critic.
+    With slip > 0, success and path ratio come from seeded rollouts that slip; the rest
+    compares the tables with the deterministic truth.
 
     dz: (N, N) the critic's distances (critic_distances) or None; truth: dict of tensors
     nxt (N, 4), d (N, N) BFS distances, opt (N, N, 4).
@@ -517,7 +611,7 @@ def evaluate(dz, actor, x, truth, limit):
     nxt, d, opt = truth["nxt"], truth["d"], truth["opt"]
     pairs = d > 0  # (N, N) reachable, s != g
     pi = policy_table(actor, x)
-    reached, steps = rollout(pi, nxt, limit)
+    reached, steps = rollout(pi, nxt, limit, slip=slip)
     ok = reached & pairs
     rate = lambda table: opt.gather(2, table[..., None])[..., 0][pairs].double().mean().item()  # noqa: E731
     metrics = {
@@ -529,7 +623,8 @@ def evaluate(dz, actor, x, truth, limit):
         return {**metrics, **{k: float("nan") for k in METRICS[3:]}}
     greedy = critic_table(dz, nxt)
     return {**metrics, "value_greedy_rate": rate(greedy),
-            "critic_success_rate": rollout(greedy, nxt, limit)[0][pairs].double().mean().item(),
+            "critic_success_rate": rollout(greedy, nxt, limit, slip=slip)[0][pairs]
+            .double().mean().item(),
             "spearman": spearman(dz[pairs], d[pairs].double()),
             "monotonicity": monotonicity(dz, d)}
 
@@ -655,7 +750,9 @@ def plot(path, env, args, x, critic, actor, data, truth, history, metrics):
             ax.plot([h["step"] for h in rows], [h[key] for h in rows], marker="o", ms=3,
                     color=color, label=label)
     a_loss.set(title="Losses (mean since the last point)", xlabel="gradient step",
-               ylabel="critic loss terms")
+               ylabel="critic loss terms" if dz is not None else "")
+    if dz is None:
+        a_loss.set_yticks([])
     a_actor.set_ylabel("actor loss")
     (h1, l1), (h2, l2) = a_loss.get_legend_handles_labels(), a_actor.get_legend_handles_labels()
     a_actor.legend(h1 + h2, l1 + l2, fontsize=8, loc="center right")
@@ -752,7 +849,12 @@ def check_args(args):
         (("seeds",), lambda v: v > 0, "positive"),
     ]  # (the flags with a list of choices are checked by argparse)
     if args.algo == "td" and args.gamma == 1:
-        raise UsageError("--algo td needs --gamma below 1 (its distance is log_gamma V)")
+        raise UsageError("td (--algo td, or in --algos) needs --gamma below 1 (its distance is "
+                         "log_gamma V)")
+    if args.algo != "metricrl" and (args.super_state or args.objective != "paper"):
+        raise UsageError("--super-state and --objective are MetricRL's: use --algo metricrl")
+    if args.objective == "constrained" and args.batch_size > 0:
+        raise UsageError("--objective constrained uses the whole dataset: --batch-size 0")
     for names, ok, what in rules:
         for name in names:
             value = getattr(args, name)
@@ -814,11 +916,14 @@ def report(row, args):
     if args.quiet:
         return
     critic = row.get("critic_loss", math.nan)
-    losses = (f"critic {critic:7.3f}" if abs(critic) >= 0.01 else f"critic {critic:7.1e}") + (
+    losses = ("no critic     " if math.isnan(critic) else f"critic {critic:7.3f}" if
+              abs(critic) >= 0.01 else f"critic {critic:7.1e}") + (
         f"  actor {row['actor_loss']:6.3f}" if "actor_loss" in row else " " * 14)
+    scores = "" if math.isnan(row["critic_success_rate"]) else (
+        f"  critic success {row['critic_success_rate']:.3f}  monotonicity "
+        f"{row['monotonicity']:.3f}")
     print(f"step {row['step']:6d}/{args.steps}  {losses}  {row['steps_per_s']:5.0f} steps/s | "
-          f"success {row['success_rate']:.3f}  critic success {row['critic_success_rate']:.3f}  "
-          f"monotonicity {row['monotonicity']:.3f}", flush=True)
+          f"success {row['success_rate']:.3f}{scores}", flush=True)
 
 
 def restore(args, device):
@@ -915,7 +1020,7 @@ def run(args, start, summary=True):
     truth = ground_truth(env, device)
     if agent:  # re-evaluate a checkpoint
         x, critic, actor, history = agent.x, agent.critic, agent.actor, agent.history
-        metrics = evaluate(critic_distances(critic, x, args), actor, x, truth, limit)
+        metrics = evaluate(critic_distances(critic, x, args), actor, x, truth, limit, args.slip)
     else:
         x, critic, actor = build(env, args, device)
         history = []
@@ -923,7 +1028,7 @@ def run(args, start, summary=True):
             print(f"{args.env}: {len(env.cells)} cells | data {coverage(env, data)} | "
                   f"device {device} | {args.steps} steps", flush=True)
         train(env, data, x, critic, actor, args,
-              lambda: evaluate(critic_distances(critic, x, args), actor, x, truth, limit),
+              lambda: evaluate(critic_distances(critic, x, args), actor, x, truth, limit, args.slip),
               lambda row: (history.append(row), report(row, args)))
         metrics = {k: history[-1][k] for k in METRICS}  # training ends with an evaluation
         save_checkpoint(os.path.join(out, "model.pt"), env, args, critic, actor, history)
@@ -943,19 +1048,24 @@ def run(args, start, summary=True):
 
 
 # =================================== 11. --compare: a grid of runs, a table, a figure
-VARIANTS = {"metricrl": {}, "metricrl-linear": {"weighting": "linear"},  # --algos names
-            "gcbc": {"algo": "gcbc"}, "td": {"algo": "td"}}
+VARIANTS = {"metricrl": {"algo": "metricrl", "weighting": "exp"},  # the names in --algos
+            "metricrl-linear": {"algo": "metricrl", "weighting": "linear"},
+            "gcbc": {"algo": "gcbc", "weighting": "exp"}, "td": {"algo": "td", "weighting": "exp"}}
 REPORTED = ("success_rate", "path_ratio", "optimal_action_rate", "critic_success_rate")
 
 
 def grid(args):
     """The runs of --compare, one Args per (env, negative, algo, epsilon, seed); the push
     shape varies for metricrl only. Each run writes to <out>/<env>-<method>-e<eps>-s<seed>."""
-    items = lambda flag: [v.strip() for v in getattr(args, flag).split(",") if v.strip()]  # noqa: E731
+    if args.bench or args.load:
+        raise UsageError("--compare trains its own runs: drop --bench and --load")
+    items = lambda flag: list(dict.fromkeys(  # noqa: E731  (in order, without repeats)
+        v.strip() for v in getattr(args, flag).split(",") if v.strip()))
     envs, algos, negatives = items("envs") or [args.env], items("algos"), items("negatives")
     try:
-        epsilons = [float(e) for e in items("epsilons")]
-    except ValueError:
+        epsilons = list(dict.fromkeys(float(e) for e in items("epsilons")))
+        assert all(0 <= e <= 1 for e in epsilons)
+    except (ValueError, AssertionError):
         raise UsageError(f"--epsilons must be numbers in [0, 1], got {args.epsilons!r}") from None
     for flag, values, known in (("algos", algos, VARIANTS), ("negatives", negatives, NEGATIVES),
                                 ("epsilons", epsilons, None)):
@@ -989,7 +1099,8 @@ def finished(cell):
     except (OSError, ValueError):
         return None
     same = lambda a: {k: v for k, v in a.items() if k not in ("out", "device")}  # noqa: E731
-    return metrics if same(metrics.get("flags", {})) == same(dataclasses.asdict(cell)) else None
+    saved = {**dataclasses.asdict(Args()), **metrics.get("flags", {})}  # new knobs: defaults
+    return metrics if same(saved) == same(dataclasses.asdict(cell)) else None
 
 
 def compare(args):
@@ -1011,9 +1122,11 @@ def compare(args):
         else:
             left = "done before"
         results.append((cell, metrics))
+        critic = metrics["critic_success_rate"]
         print(f"[{k:3d}/{len(runs)}] {os.path.basename(cell.out):32s} success "
-              f"{metrics['success_rate']:.3f}  critic success {metrics['critic_success_rate']:.3f}"
-              f"  {metrics['seconds']:5.1f} s | {left}", flush=True)
+              f"{metrics['success_rate']:.3f}  critic success "
+              f"{'  —  ' if math.isnan(critic) else f'{critic:.3f}'}  {metrics['seconds']:5.1f} s | "
+              f"{left}", flush=True)
     table = compare_table(results)
     with open(os.path.join(root, "compare.md"), "w") as f:
         f.write(table)
@@ -1044,13 +1157,14 @@ def compare_table(results):
     lines = [f"Steps {cell.steps}, data {cell.episode_len}-step trajectories (sized to the map), "
              f"seeds {len(next(iter(rows.values())))}; {platform.machine()} CPU with "
              f"{os.cpu_count()} cores, torch {torch.__version__}, device {results[0][1]['device']}."
-             f" Mean ± std over seeds.", "",
+             " Mean ± std over seeds." if len(next(iter(rows.values()))) > 1 else "", "",
              "| env | method | ε | " + " | ".join(REPORTED) + " | seconds |",
              "|---|---|---|" + "---|" * (len(REPORTED) + 1)]
     for (env, name, eps), ms in rows.items():
         stats = [mean_std([m[k] for m in ms]) for k in REPORTED]
         lines.append(f"| {env} | {name} | {eps:g} | " + " | ".join(
-            "—" if np.isnan(m) else f"{m:.3f} ± {sd:.3f}" for m, sd in stats) +
+            "—" if np.isnan(m) else f"{m:.3f}" + (f" ± {sd:.3f}" if len(ms) > 1 else "")
+            for m, sd in stats) +
             f" | {np.mean([m['seconds'] for m in ms]):.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -1094,12 +1208,15 @@ def compare_plot(path, results):
                                                 for env, e in groups])
             ax.set(ylabel=metric, ylim=(0, 1.05), title=f"{metric} (all pairs)")
     handles, labels = axes[0].get_legend_handles_labels()
-    order = sorted(range(len(labels)), key=lambda i: labels[i])  # each method beside its critic
+    order = sorted(range(len(labels)), key=lambda i: (  # each method, then its critic
+        names.index(labels[i].split(":")[0]), ":" in labels[i]))
     fig.legend([handles[i] for i in order], [labels[i] for i in order], loc="lower center",
                ncol=min(4, len(labels)), fontsize=9)
     seeds = len(next(iter(stats.values())))
     fig.suptitle(f"Same data, same actor network, same exact evaluation: only the method "
-                 f"differs. Mean ± std over {seeds} seed(s)")
+                 f"differs. Mean ± std over {seeds} seed(s); metricrl-linear trains "
+                 f"metricrl's critic" if "metricrl-linear" in names else
+                 f"Mean ± std over {seeds} seed(s), ε = {', '.join(f'{e:g}' for e in epsilons)}")
     fig.tight_layout(rect=(0, 0.04 + 0.04 * math.ceil(len(labels) / 4), 1, 1))
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -121,6 +121,8 @@ class Args:
     seeds: int = knob(3, "--compare: seeds per cell, from --seed on")
     envs: str = knob("", "--compare: maps (default: --env)")
     negatives: str = knob("log", "--compare: push shapes (metricrl only)")
+    assumptions: bool = knob(False, "run the experiments where MetricRL's assumptions break "
+                                    "(--seeds each), then write assumptions.md and .png")
 
 
 # ============================================================================ 1. data
@@ -622,6 +624,10 @@ def evaluate(dz, actor, x, truth, limit, slip=0.0):
     if dz is None:
         return {**metrics, **{k: float("nan") for k in METRICS[3:]}}
     greedy = critic_table(dz, nxt)
+    shorter = pairs & pairs.T & (d < d.T)  # (N, N) one way is shorter than the other
+    if shorter.any():  # one-way cells: does the critic know which way is shorter?
+        margin = (dz.T - dz)[shorter]  # > 0 where the critic scores the shorter way shorter
+        metrics["one_way_order"] = (margin > 1e-4).double().mean().item()  # (not rounding)
     return {**metrics, "value_greedy_rate": rate(greedy),
             "critic_success_rate": rollout(greedy, nxt, limit, slip=slip)[0][pairs]
             .double().mean().item(),
@@ -1006,6 +1012,8 @@ def run(args, start, summary=True):
     device = resolve_device(args.device)
     if args.compare:
         return compare(args)
+    if args.assumptions:
+        return assumptions(args)
     flags = dataclasses.asdict(args)  # as given, for --compare's resume check
     if args.bench:
         return benchmark(args, device, output_dir(args)[0])
@@ -1030,7 +1038,8 @@ def run(args, start, summary=True):
         train(env, data, x, critic, actor, args,
               lambda: evaluate(critic_distances(critic, x, args), actor, x, truth, limit, args.slip),
               lambda row: (history.append(row), report(row, args)))
-        metrics = {k: history[-1][k] for k in METRICS}  # training ends with an evaluation
+        metrics = {k: v for k, v in history[-1].items()  # training ends with an evaluation
+                   if k in METRICS or k == "one_way_order"}
         save_checkpoint(os.path.join(out, "model.pt"), env, args, critic, actor, history)
         write_log(os.path.join(out, "log.csv"), history)
     plot(os.path.join(out, "metricrl.png"), env, args, x, critic, actor, data, truth, history,
@@ -1043,7 +1052,8 @@ def run(args, start, summary=True):
         json.dump(metrics, f, indent=2)
     files = "metrics.json, metricrl.png" + ("" if agent else ", log.csv, model.pt")
     summary and print("\n".join([f"wrote {os.path.join(out, '')} ({files}) in {metrics['seconds']:.1f} s"] +
-                    [f"  {k:20s} {metrics[k]:.3f}" for k in METRICS]))
+                    [f"  {k:20s} {metrics[k]:.3f}" for k in metrics if k in METRICS or
+                     k == "one_way_order"]))
     return metrics
 
 
@@ -1052,6 +1062,7 @@ VARIANTS = {"metricrl": {"algo": "metricrl", "weighting": "exp"},  # the names i
             "metricrl-linear": {"algo": "metricrl", "weighting": "linear"},
             "gcbc": {"algo": "gcbc", "weighting": "exp"}, "td": {"algo": "td", "weighting": "exp"}}
 REPORTED = ("success_rate", "path_ratio", "optimal_action_rate", "critic_success_rate")
+SWEEP_KNOBS = ("compare", "assumptions", "algos", "epsilons", "seeds", "envs", "negatives")
 
 
 def grid(args):
@@ -1076,8 +1087,7 @@ def grid(args):
     for env in envs:
         make_env(env)  # a bad map fails now, not an hour into the sweep
     root = args.out or os.path.join("runs", "compare-" + "-".join(map(map_name, envs)))
-    plain = {f.name: f.default for f in dataclasses.fields(Args) if f.name in
-             ("compare", "algos", "epsilons", "seeds", "envs", "negatives")}
+    plain = {k: getattr(Args(), k) for k in SWEEP_KNOBS}  # a run is not a sweep
     runs = []
     for env, negative, algo, eps, seed in itertools.product(
             envs, negatives, algos, epsilons, range(args.seed, args.seed + args.seeds)):
@@ -1103,13 +1113,12 @@ def finished(cell):
     return metrics if same(saved) == same(dataclasses.asdict(cell)) else None
 
 
-def compare(args):
-    """--compare: run every cell of the grid that has no metrics.json yet (so a sweep can
-    be stopped and continued), then write compare.md and compare.png."""
-    root, runs = grid(args)
+def sweep(root, runs, name):
+    """Run every run that has no metrics.json made with the same flags yet (so a sweep can
+    be stopped and continued), a progress line each. Returns [(Args, metrics)]."""
     os.makedirs(root, exist_ok=True)
     todo = sum(finished(cell) is None for cell in runs)
-    print(f"--compare: {len(runs)} runs in {root}, {len(runs) - todo} done before", flush=True)
+    print(f"{name}: {len(runs)} runs in {root}, {len(runs) - todo} done before", flush=True)
     results, took = [], []
     for k, cell in enumerate(runs, 1):
         metrics = finished(cell)
@@ -1127,6 +1136,13 @@ def compare(args):
               f"{metrics['success_rate']:.3f}  critic success "
               f"{'  —  ' if math.isnan(critic) else f'{critic:.3f}'}  {metrics['seconds']:5.1f} s | "
               f"{left}", flush=True)
+    return results
+
+
+def compare(args):
+    """--compare: the grid's runs (see sweep), then compare.md and compare.png."""
+    root, runs = grid(args)
+    results = sweep(root, runs, "--compare")
     table = compare_table(results)
     with open(os.path.join(root, "compare.md"), "w") as f:
         f.write(table)
@@ -1220,6 +1236,69 @@ def compare_plot(path, results):
     fig.tight_layout(rect=(0, 0.04 + 0.04 * math.ceil(len(labels) / 4), 1, 1))
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+# ============================ 12. --assumptions: where MetricRL breaks, and what fixes it
+CONSTRAINED = {"objective": "constrained", "metric": "quasimetric"}
+ASSUMPTIONS = [  # (experiment, map, variant, flags)
+    *[("invertible actions", env, name, flags) for env in ("oneway", "maze")
+      for name, flags in (("euclidean", {}), ("quasimetric", {"metric": "quasimetric"}))],
+    *[("deterministic moves", "maze", f"slip {p:g}", {"slip": p}) for p in (0, 0.1, 0.3)],
+    ("connected data", "rooms", "all data", {}),
+    ("connected data", "rooms", "split", {"data": "split"}),
+    ("connected data", "rooms", "split + super-state", {"data": "split", "super_state": True}),
+    *[("the objective", env, name, flags) for env in ("maze", "rooms", "oneway", "maze25")
+      for name, flags in (("paper's loss", {}), ("constrained, quasimetric", CONSTRAINED))],
+]
+ASSUMED = ("success_rate", "optimal_action_rate", "critic_success_rate", "value_greedy_rate",
+           "spearman", "one_way_order")
+
+
+def assumptions(args):
+    """--assumptions: each experiment of ASSUMPTIONS for --seeds seeds (resumable, see
+    sweep), then assumptions.md (mean ± std) and assumptions.png."""
+    root, runs, keys = args.out or os.path.join("runs", "assumptions"), [], []
+    plain = {k: getattr(Args(), k) for k in SWEEP_KNOBS}
+    for experiment, env, name, flags in ASSUMPTIONS:
+        for seed in range(args.seed, args.seed + args.seeds):
+            slug = "-".join([env, *(f"{k}-{v}" for k, v in flags.items())])  # same flags, same run
+            cell = dataclasses.replace(args, **{**plain, **flags}, env=env, seed=seed,
+                                       quiet=True, out=os.path.join(root, f"{slug}-s{seed}"))
+            check_args(cell)
+            runs.append(cell)
+            keys.append((experiment, env, name))
+    rows = {}
+    for key, (cell, metrics) in zip(keys, sweep(root, runs, "--assumptions")):
+        rows.setdefault(key, []).append(metrics)
+    lines = ["| experiment | map | variant | " + " | ".join(ASSUMED) + " |",
+             "|---|---|---|" + "---|" * len(ASSUMED)]
+    for (experiment, env, name), ms in rows.items():
+        stats = [mean_std([m.get(k, math.nan) for m in ms]) for k in ASSUMED]
+        lines.append(f"| {experiment} | {env} | {name} | " + " | ".join(
+            "—" if np.isnan(m) else f"{m:.3f}" + (f" ± {sd:.3f}" if len(ms) > 1 else "")
+            for m, sd in stats) + " |")
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(root, "assumptions.md"), "w") as f:
+        f.write(f"Steps {args.steps}, seeds {args.seeds}, mean ± std; one_way_order: share of "
+                f"the pairs with a shorter way one way whose shorter way the critic scores "
+                f"shorter.\n\n" + table)
+    fig, axes = plt.subplots(1, 4, figsize=(22, 5))
+    for ax, experiment in zip(axes, dict.fromkeys(k[0] for k in rows)):
+        mine = [k for k in rows if k[0] == experiment]
+        for i, metric in enumerate(("success_rate", "critic_success_rate")):
+            m, sd = np.array([mean_std([r[metric] for r in rows[k]]) for k in mine]).T
+            ax.bar(np.arange(len(mine)) + (i - 0.5) * 0.4, m, 0.4, yerr=sd, capsize=3,
+                   color=f"C{i}", label="actor's success" if i == 0 else "critic's own success")
+        ax.set_xticks(range(len(mine)), [f"{env}\n{name}" for _, env, name in mine],
+                      fontsize=8, rotation=30 if len(mine) > 4 else 0)
+        ax.set(title=experiment, ylim=(0, 1.05), ylabel="success over all pairs")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Where MetricRL's assumptions break (mean ± std over {args.seeds} seeds)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(root, "assumptions.png"), dpi=80)
+    plt.close(fig)
+    print(table + f"wrote {os.path.join(root, 'assumptions.md')} and assumptions.png")
+    return rows
 
 
 def main(argv=None, start=None):

@@ -768,7 +768,8 @@ def test_one_way_order_is_measured_on_asymmetric_maps(tmp_path):
 
 def test_constrained_objective_approaches_bfs_on_a_tiny_map():
     """Push apart subject to d(s -> s') <= 1: with a quasimetric the optimum is BFS itself,
-    one-way cell included. 600 steps get near it, not onto it (max error 0.5; see README)."""
+    one-way cell included. 600 steps get near it, not onto it (largest error about 0.5;
+    see README)."""
     env = GridWorld(ONE_WAY_RING)
     args = Args(episodes=40, episode_len=30, steps=600, critic_only=0.99, eval_every=600,
                 hidden=64, lr=1e-2, objective="constrained", metric="quasimetric")

@@ -9,11 +9,14 @@ Offline Data via Metric Learning", arXiv 2402.10820.
     python metricrl.py --load runs/maze-metricrl-s0/model.pt   # re-evaluate a checkpoint
     python metricrl.py --algo gcbc                 # a baseline: gcbc or td
     python metricrl.py --compare --env maze        # every method on data of every quality
+    python metricrl.py --env oneway --metric quasimetric   # one-way doors, asymmetric d_phi
+    python metricrl.py --assumptions               # where the assumptions break
 
 The file reads top to bottom in the paper's order: knobs (Args), offline data,
 the metric critic phi (Sec. 3), the value V = gamma^d (Sec. 3.1) and the advantage,
 the weighted-imitation actor (Sec. 3.3), the baselines' critics, training (Algorithm 1),
-the exact evaluation; then plots, checkpoints, the command line and --compare.
+the exact evaluation; then plots, checkpoints, the command line, --compare and
+--assumptions.
 
 Shapes: N free cells, B batch, F features per cell, k latent size, P (state, goal) pairs.
 """
@@ -94,7 +97,8 @@ class Args:
     beta: float = knob(6.0, "inverse temperature of the exp weights")
     w_max: float = knob(100.0, "clip of the exp weights")
     goals: str = knob("auto", "the actor's goals: random dataset states, or hindsight (a later "
-                              "state of the same trajectory); auto: hindsight for gcbc, else random",
+                              "state of the same trajectory); auto: hindsight for gcbc, "
+                              "else random",
                       ("auto", "random", "hindsight"))
     expectile: float = knob(0.7, "td: expectile of the TD target (0.5: the data's average move, "
                                  "towards 1: its best)")
@@ -155,7 +159,8 @@ def collect_dataset(env, args, rng):
         act = np.where((rng.random(e) < args.epsilon) | ~expert.any(1), uniform, greedy)
         moved = act
         if args.slip:  # (no draw without slip: the same data as before)
-            moved = np.where(rng.random(e) < args.slip, (act + 1 + rng.integers(3, size=e)) % 4, act)
+            other = (act + 1 + rng.integers(3, size=e)) % 4  # one of the other three
+            moved = np.where(rng.random(e) < args.slip, other, act)
         after = nxt[state, moved]
         if args.data == "split":
             after = np.where(half[after] == half[state], after, state)
@@ -615,7 +620,8 @@ def evaluate(dz, actor, x, truth, limit, slip=0.0):
     pi = policy_table(actor, x)
     reached, steps = rollout(pi, nxt, limit, slip=slip)
     ok = reached & pairs
-    rate = lambda table: opt.gather(2, table[..., None])[..., 0][pairs].double().mean().item()  # noqa: E731
+    rate = lambda table: (  # noqa: E731  (share of pairs whose action lies on a shortest path)
+        opt.gather(2, table[..., None])[..., 0][pairs].double().mean().item())
     metrics = {
         "success_rate": ok[pairs].double().mean().item(),
         "path_ratio": (steps[ok] / d[ok]).mean().item() if ok.any() else float("nan"),
@@ -891,7 +897,8 @@ def method(args):
     """The method's name, as --algos spells it: metricrl, metricrl-linear, gcbc, td, and
     the push shape when it is not the paper's (metricrl-inverse)."""
     name = args.algo + ("-linear" if args.weighting == "linear" and args.algo != "gcbc" else "")
-    return name + (f"-{args.negative}" if args.negative != "log" and args.algo == "metricrl" else "")
+    push = args.negative != "log" and args.algo == "metricrl"
+    return name + (f"-{args.negative}" if push else "")
 
 
 def map_name(spec):
@@ -1036,7 +1043,8 @@ def run(args, start, summary=True):
             print(f"{args.env}: {len(env.cells)} cells | data {coverage(env, data)} | "
                   f"device {device} | {args.steps} steps", flush=True)
         train(env, data, x, critic, actor, args,
-              lambda: evaluate(critic_distances(critic, x, args), actor, x, truth, limit, args.slip),
+              lambda: evaluate(critic_distances(critic, x, args), actor, x, truth, limit,
+                               args.slip),
               lambda row: (history.append(row), report(row, args)))
         metrics = {k: v for k, v in history[-1].items()  # training ends with an evaluation
                    if k in METRICS or k == "one_way_order"}
@@ -1051,9 +1059,10 @@ def run(args, start, summary=True):
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     files = "metrics.json, metricrl.png" + ("" if agent else ", log.csv, model.pt")
-    summary and print("\n".join([f"wrote {os.path.join(out, '')} ({files}) in {metrics['seconds']:.1f} s"] +
-                    [f"  {k:20s} {metrics[k]:.3f}" for k in metrics if k in METRICS or
-                     k == "one_way_order"]))
+    if summary:
+        print("\n".join([f"wrote {os.path.join(out, '')} ({files}) in {metrics['seconds']:.1f} s"]
+                        + [f"  {k:20s} {metrics[k]:.3f}" for k in metrics
+                           if k in METRICS or k == "one_way_order"]))
     return metrics
 
 
@@ -1132,10 +1141,10 @@ def sweep(root, runs, name):
             left = "done before"
         results.append((cell, metrics))
         critic = metrics["critic_success_rate"]
+        critic = "  —  " if math.isnan(critic) else f"{critic:.3f}"
         print(f"[{k:3d}/{len(runs)}] {os.path.basename(cell.out):32s} success "
-              f"{metrics['success_rate']:.3f}  critic success "
-              f"{'  —  ' if math.isnan(critic) else f'{critic:.3f}'}  {metrics['seconds']:5.1f} s | "
-              f"{left}", flush=True)
+              f"{metrics['success_rate']:.3f}  critic success {critic}  "
+              f"{metrics['seconds']:5.1f} s | {left}", flush=True)
     return results
 
 

@@ -737,8 +737,11 @@ def plot(path, env, args, x, critic, actor, data, truth, history, metrics):
     visits = np.bincount(data["s"].cpu().numpy(), minlength=len(env.cells))
     show_map(fig, a_data, env, visits, f"Offline data: visits per cell (ε = {args.epsilon})",
              cmap="magma", label="visits")
+    one_way = np.argwhere(np.isin(env.grid, list(gridworld.ONE_WAY)))  # (K, 2) doors
     for ax in (a_v, a_true, a_pi, a_data)[dz is None:]:
         ax.plot(gc, gr, "*", color="white", ms=18, mec="k", label="goal g")
+        for r, c in one_way:  # one-way cells: their arrow
+            ax.text(c, r, env.grid[r, c], ha="center", va="center", color="red", weight="bold")
     a_true.legend(loc="lower right", fontsize=8)
     plot_distances(a_d, d, dz, args)
     plot_embedding(fig, a_pca, env, z, goal, to_goal)

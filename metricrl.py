@@ -58,7 +58,8 @@ def knob(default, help, choices=None):
 
 @dataclass
 class Args:
-    env: str = knob("maze", "map: open, rooms, maze, loops, maze<N> (odd N >= 7) or a map file")
+    env: str = knob("maze", "map: open, rooms, maze, loops, oneway, maze<N> (odd N >= 7) or a "
+                            "map file")
     algo: str = knob("metricrl", "metricrl (the paper); gcbc: goal-conditioned behaviour cloning, "
                                  "no critic; td: the same actor, its critic a value learned by TD",
                      ("metricrl", "gcbc", "td"))
@@ -293,6 +294,7 @@ def constrained_loss(z, counts, mu, metric):
     subject to d_phi(s -> s') <= 1 on every transition of the data:
 
       loss = -mean_{u != v} d(u -> v) + mu * mean_{moves u -> v} relu(d(u -> v) - 1)^2
+    (the pairs weighted as the data holds them, c[u] c2[v], like dataset_critic_loss's push)
 
     With the constraints met, the triangle inequality gives d(u -> v) <= d_S(u, v) along
     any path of the data, and the push lifts every pair to that bound: the optimum is the
@@ -609,8 +611,8 @@ def monotonicity(dz, d, triplets=200_000, seed=0):
 def evaluate(dz, actor, x, truth, limit, slip=0.0):
     """All metrics against the BFS truth, over every ordered reachable pair (s, g), s != g
     (monotonicity over a fixed sample of triplets). The critic's are nan without a critic.
-    With slip > 0, success and path ratio come from seeded rollouts that slip; the rest
-    compares the tables with the deterministic truth.
+    With slip > 0, the actor's and the critic's success and the path ratio come from
+    seeded rollouts that slip; the rest compares the tables with the deterministic truth.
 
     dz: (N, N) the critic's distances (critic_distances) or None; truth: dict of tensors
     nxt (N, 4), d (N, N) BFS distances, opt (N, N, 4).
@@ -687,7 +689,7 @@ def plot_embedding(fig, ax, env, z, goal, to_goal):
     centred = z - z.mean(0)
     xy = centred @ np.linalg.svd(centred, full_matrices=False)[2][:2].T  # (N, 2) PCA
     i, j = np.repeat(np.arange(len(env.cells)), 4), env.transitions().ravel()  # all moves
-    edges = np.stack([i[i < j], j[i < j]])  # (2, E), each neighbour pair once
+    edges = np.unique(np.sort(np.stack([i, j], 1)[i != j], 1), axis=0).T  # (2, E) pairs once
     ax.plot(xy[edges, 0], xy[edges, 1], color="0.8", lw=0.8, zorder=0)
     sc = ax.scatter(xy[:, 0], xy[:, 1], c=to_goal, cmap="viridis", s=18, plotnonfinite=True)
     ax.plot(*xy[goal], "*", color="white", ms=18, mec="k")
@@ -699,7 +701,7 @@ def plot_embedding(fig, ax, env, z, goal, to_goal):
 def plot(path, env, args, x, critic, actor, data, truth, history, metrics):
     """One figure: value, policy and data on the map; distances, embedding, curves."""
     d = env.distance_matrix()
-    goal = int(np.argmax(d.max(1)))  # one end of a longest shortest path
+    goal = int(np.argmax(d.max(0)))  # the hardest goal: farthest from some cell
     dz = critic_distances(critic, x, args)  # (N, N) or None (gcbc)
     dz = None if dz is None else dz.cpu().numpy()
     with torch.no_grad():  # the policy towards this goal only: (N,) actions, then rollouts
@@ -727,7 +729,8 @@ def plot(path, env, args, x, critic, actor, data, truth, history, metrics):
     fails = ~reached[:, goal] & (d[:, goal] > 0)
     to_goal = np.where(d[:, goal] >= 0, d[:, goal], np.nan)  # (N,) unreachable cells blank
     show_map(fig, a_pi, env, to_goal, f"Greedy π(·|s, g): {fails.sum()} of "
-             f"{(d[:, goal] > 0).sum()} cells fail (×)", cmap="Blues_r", label="true distance to g")
+             f"{(d[:, goal] > 0).sum()} cells fail (×)" + (", without slips" if args.slip else ""),
+             cmap="Blues_r", label="true distance to g")
     move = gridworld.MOVES[pi[:, goal]]  # (N, 2) (d_row, d_col) of each cell's action
     small = 15 / max(env.height, env.width, 15)  # marks shrink on large maps
     a_pi.quiver(env.cells[:, 1], env.cells[:, 0], move[:, 1], move[:, 0], angles="xy",
@@ -759,6 +762,8 @@ def plot(path, env, args, x, critic, actor, data, truth, history, metrics):
     for ax, key, label, color in ((a_loss, "positive", "critic: positive term", "C0"),
                                   (a_loss, "negative", "critic: negative term", "C1"),
                                   (a_loss, "td_loss", "critic: TD loss", "C0"),
+                                  (a_loss, "push", "critic: push, mean d", "C0"),
+                                  (a_loss, "violation", "critic: violation of d(s,s') ≤ 1", "C1"),
                                   (a_actor, "actor_loss", "actor: weighted NLL (right axis)", "C2")):
         rows = [h for h in history if key in h]
         if rows:
@@ -857,7 +862,7 @@ def check_args(args):
          lambda v: v > 0, "positive"),
         (("seed", "episodes", "batch_size", "lam", "beta"), lambda v: v >= 0, "0 or more"),
         (("latent",), lambda v: v >= 2, "2 or more (the figure projects phi on 2 axes)"),
-        (("epsilon",), lambda v: 0 <= v <= 1, "in [0, 1]"),
+        (("epsilon", "slip"), lambda v: 0 <= v <= 1, "in [0, 1]"),
         (("critic_only",), lambda v: 0 <= v < 1, "in [0, 1)"),
         (("gamma",), lambda v: 0 < v <= 1, "in (0, 1]"),
         (("expectile",), lambda v: 0 < v < 1, "in (0, 1)"),
@@ -866,8 +871,10 @@ def check_args(args):
     if args.algo == "td" and args.gamma == 1:
         raise UsageError("td (--algo td, or in --algos) needs --gamma below 1 (its distance is "
                          "log_gamma V)")
-    if args.algo != "metricrl" and (args.super_state or args.objective != "paper"):
-        raise UsageError("--super-state and --objective are MetricRL's: use --algo metricrl")
+    if args.algo != "metricrl" and (args.super_state or args.objective != "paper" or
+                                    args.metric != "euclidean"):
+        raise UsageError("--super-state, --objective and --metric are MetricRL's: use --algo "
+                         "metricrl")
     if args.objective == "constrained" and args.batch_size > 0:
         raise UsageError("--objective constrained uses the whole dataset: --batch-size 0")
     for names, ok, what in rules:
@@ -897,11 +904,15 @@ def resolve_device(name):
 
 
 def method(args):
-    """The method's name, as --algos spells it: metricrl, metricrl-linear, gcbc, td, and
-    the push shape when it is not the paper's (metricrl-inverse)."""
-    name = args.algo + ("-linear" if args.weighting == "linear" and args.algo != "gcbc" else "")
-    push = args.negative != "log" and args.algo == "metricrl"
-    return name + (f"-{args.negative}" if push else "")
+    """The method's name, as --algos spells it: metricrl, metricrl-linear, gcbc, td; then
+    what differs from the paper's set-up: metricrl-inverse, metricrl-quasimetric, ..."""
+    parts = [args.algo, "linear" if args.weighting == "linear" and args.algo != "gcbc" else "",
+             args.negative if args.negative != "log" and args.algo == "metricrl" else "",
+             "quasimetric" if args.metric == "quasimetric" else "",
+             "constrained" if args.objective == "constrained" else "",
+             "split" if args.data == "split" else "", "super" if args.super_state else "",
+             f"slip{args.slip:g}" if args.slip else ""]
+    return "-".join(p for p in parts if p)
 
 
 def map_name(spec):
@@ -1269,11 +1280,16 @@ ASSUMED = ("success_rate", "path_ratio", "optimal_action_rate", "critic_success_
 def assumptions(args):
     """--assumptions: each experiment of ASSUMPTIONS for --seeds seeds (resumable, see
     sweep), then assumptions.md (mean ± std) and assumptions.png."""
+    if args.bench or args.load:
+        raise UsageError("--assumptions trains its own runs: drop --bench and --load")
     root, runs, keys = args.out or os.path.join("runs", "assumptions"), [], []
-    plain = {k: getattr(Args(), k) for k in SWEEP_KNOBS}
+    default = Args()  # every variant starts from the paper's set-up (--steps etc. are kept)
+    plain = {k: getattr(default, k) for k in (*SWEEP_KNOBS, "algo", "weighting", "negative",
+                                             "metric", "objective", "slip", "data", "super_state")}
     for experiment, env, name, flags in ASSUMPTIONS:
         for seed in range(args.seed, args.seed + args.seeds):
-            slug = "-".join([env, *(f"{k}-{v}" for k, v in flags.items())])  # same flags, same run
+            slug = "-".join([env, *(f"{k}-{v}" for k, v in flags.items()  # same flags, same run
+                                    if v != getattr(default, k))])
             cell = dataclasses.replace(args, **{**plain, **flags}, env=env, seed=seed,
                                        quiet=True, out=os.path.join(root, f"{slug}-s{seed}"))
             check_args(cell)

@@ -514,6 +514,9 @@ def test_bench_writes_positive_figures(tmp_path):
     (["--compare", "--negatives", "log,cosh"], "--negatives: unknown 'cosh'"),
     (["--compare", "--epsilons", "0,2"], "--epsilons must be numbers in [0, 1], got '0,2'"),
     (["--compare", "--bench"], "--compare trains its own runs: drop --bench and --load"),
+    (["--assumptions", "--load", "x.pt"], "--assumptions trains its own runs"),
+    (["--slip", "2"], "--slip must be in [0, 1], got 2.0"),
+    (["--algo", "td", "--metric", "quasimetric"], "--metric are MetricRL's"),
     (["--compare", "--envs", "maze,castle"], "unknown layout 'castle'"),
     (["--algo", "td", "--gamma", "1"], "td (--algo td, or in --algos) needs --gamma below 1"),
     (["--steps", "many"], "invalid int value"),
@@ -792,7 +795,8 @@ def test_assumptions_writes_every_row_and_resumes(tmp_path, capsys):
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) == 1 + len(metricrl.ASSUMPTIONS)  # header + one row per variant
     assert (tmp_path / "a" / "assumptions.png").stat().st_size > 0
-    distinct = {(env, tuple(flags.items())) for _, env, _, flags in metricrl.ASSUMPTIONS}
+    distinct = {(env, tuple((k, v) for k, v in flags.items() if v != getattr(Args(), k)))
+                for _, env, _, flags in metricrl.ASSUMPTIONS}  # slip 0 is the default run
     assert len(list((tmp_path / "a").glob("*/metrics.json"))) == len(distinct)
     capsys.readouterr()
     metricrl.main(flags)

@@ -401,7 +401,7 @@ def sample(data, n, goals, args):
 # =========================== 5. the baselines: the same data and actor, other critics
 # gcbc has no critic: every weight is 1, and its goals are hindsight goals (see sample).
 TARGET_RATE = 0.5  # td: V_target moves this share of the way to V after each step (tuned)
-DUAL_RATE = 1.0  # --objective constrained: mu grows by this times the mean violation
+DUAL_RATE = 10.0  # --objective constrained: mu grows by this times the mean violation
 
 
 def td_loss(v, v_target, x, s, s2, g, args):

@@ -769,21 +769,30 @@ def test_one_way_order_is_measured_on_asymmetric_maps(tmp_path):
                                                  "--out", str(tmp_path / "s")])
 
 
-def test_constrained_objective_approaches_bfs_on_a_tiny_map():
-    """Push apart subject to d(s -> s') <= 1: with a quasimetric the optimum is BFS itself,
-    one-way cell included. 600 steps get near it, not onto it (largest error about 0.5;
-    see README)."""
-    env = GridWorld(ONE_WAY_RING)
-    args = Args(episodes=40, episode_len=30, steps=600, critic_only=0.99, eval_every=600,
+def constrained_distances(layout, seed=0):
+    """The constrained objective's distances (critic only, 1,500 steps) and BFS's."""
+    env = GridWorld(layout)
+    args = Args(episodes=40, episode_len=30, steps=1500, critic_only=0.99, eval_every=1500,
                 hidden=64, lr=1e-2, objective="constrained", metric="quasimetric")
-    torch.manual_seed(0)
-    data = metricrl.collect_dataset(env, args, np.random.default_rng(0))
+    torch.manual_seed(seed)
+    data = metricrl.collect_dataset(env, args, np.random.default_rng(seed))
     x, critic, actor = metricrl.build(env, args, "cpu")
     metricrl.train(env, data, x, critic, actor, args, dict, lambda row: None)
     dz = metricrl.critic_distances(critic, x, args)
-    d = torch.as_tensor(np.array(env.distance_matrix())).float()
-    assert (dz - d).abs().mean() < 0.3 and (dz - d).abs().max() < 1.0
-    assert dz[0, 2] < dz[2, 0] - 2  # the long way back (2 against 6) is learned
+    return dz, torch.as_tensor(np.array(env.distance_matrix())).float()
+
+
+def test_constrained_objective_learns_bfs_distances_on_a_tiny_map():
+    """Push apart subject to d(s -> s') <= 1: with a quasimetric the optimum is BFS."""
+    dz, d = constrained_distances("#####\n#...#\n#...#\n#####")  # a 2 x 3 room
+    assert (dz - d).abs().max() < 0.1
+
+
+def test_constrained_objective_approaches_bfs_with_a_one_way_cell():
+    """On the one-way ring it gets near, not onto, BFS in 1,500 steps (see README)."""
+    dz, d = constrained_distances(ONE_WAY_RING)
+    assert (dz - d).abs().mean() < 0.1 and (dz - d).abs().max() < 0.6
+    assert dz[0, 2] < dz[2, 0] - 3  # the long way back (2 against 6) is learned
     assert metricrl.spearman(dz[d > 0], d[d > 0].double()) > 0.95
 
 

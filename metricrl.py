@@ -1031,6 +1031,9 @@ def run(args, start, summary=True):
     """Data -> critic and actor -> exact metrics -> files. Returns metrics.json's dict."""
     check_args(args)
     device = resolve_device(args.device)
+    if (args.compare or args.assumptions) and (args.bench or args.load):
+        raise UsageError(f"--{'compare' if args.compare else 'assumptions'} trains its own runs: "
+                         f"drop --bench and --load")
     if args.compare:
         return compare(args)
     if args.assumptions:
@@ -1091,8 +1094,6 @@ SWEEP_KNOBS = ("compare", "assumptions", "algos", "epsilons", "seeds", "envs", "
 def grid(args):
     """The runs of --compare, one Args per (env, negative, algo, epsilon, seed); the push
     shape varies for metricrl only. Each run writes to <out>/<env>-<method>-e<eps>-s<seed>."""
-    if args.bench or args.load:
-        raise UsageError("--compare trains its own runs: drop --bench and --load")
     items = lambda flag: list(dict.fromkeys(  # noqa: E731  (in order, without repeats)
         v.strip() for v in getattr(args, flag).split(",") if v.strip()))
     envs, algos, negatives = items("envs") or [args.env], items("algos"), items("negatives")
@@ -1182,6 +1183,14 @@ def mean_std(values):
     return (v.mean(), v.std()) if len(v) else (np.nan, np.nan)
 
 
+def cells(runs, keys):
+    """Markdown cells "mean ± std" over the runs (metrics dicts) for each key; "—" where no
+    run has the value, no ± for a single run."""
+    stats = [mean_std([m.get(k, math.nan) for m in runs]) for k in keys]
+    return " | ".join("—" if np.isnan(m) else f"{m:.3f}" + (f" ± {sd:.3f}" if len(runs) > 1
+                                                             else "") for m, sd in stats)
+
+
 def cell_key(cell):
     """What a row of the table is: (env, method, epsilon); seeds are averaged."""
     return map_name(cell.env), method(cell), cell.epsilon
@@ -1200,11 +1209,8 @@ def compare_table(results):
              "| env | method | ε | " + " | ".join(REPORTED) + " | seconds |",
              "|---|---|---|" + "---|" * (len(REPORTED) + 1)]
     for (env, name, eps), ms in rows.items():
-        stats = [mean_std([m[k] for m in ms]) for k in REPORTED]
-        lines.append(f"| {env} | {name} | {eps:g} | " + " | ".join(
-            "—" if np.isnan(m) else f"{m:.3f}" + (f" ± {sd:.3f}" if len(ms) > 1 else "")
-            for m, sd in stats) +
-            f" | {np.mean([m['seconds'] for m in ms]):.1f} |")
+        lines.append(f"| {env} | {name} | {eps:g} | {cells(ms, REPORTED)} | "
+                     f"{np.mean([m['seconds'] for m in ms]):.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -1280,8 +1286,6 @@ ASSUMED = ("success_rate", "path_ratio", "optimal_action_rate", "critic_success_
 def assumptions(args):
     """--assumptions: each experiment of ASSUMPTIONS for --seeds seeds (resumable, see
     sweep), then assumptions.md (mean ± std) and assumptions.png."""
-    if args.bench or args.load:
-        raise UsageError("--assumptions trains its own runs: drop --bench and --load")
     root, runs, keys = args.out or os.path.join("runs", "assumptions"), [], []
     default = Args()  # every variant starts from the paper's set-up (--steps etc. are kept)
     plain = {k: getattr(default, k) for k in (*SWEEP_KNOBS, "algo", "weighting", "negative",
@@ -1301,10 +1305,7 @@ def assumptions(args):
     lines = ["| experiment | map | variant | " + " | ".join(ASSUMED) + " |",
              "|---|---|---|" + "---|" * len(ASSUMED)]
     for (experiment, env, name), ms in rows.items():
-        stats = [mean_std([m.get(k, math.nan) for m in ms]) for k in ASSUMED]
-        lines.append(f"| {experiment} | {env} | {name} | " + " | ".join(
-            "—" if np.isnan(m) else f"{m:.3f}" + (f" ± {sd:.3f}" if len(ms) > 1 else "")
-            for m, sd in stats) + " |")
+        lines.append(f"| {experiment} | {env} | {name} | {cells(ms, ASSUMED)} |")
     table = "\n".join(lines) + "\n"
     with open(os.path.join(root, "assumptions.md"), "w") as f:
         f.write(f"Steps {args.steps}, seeds {args.seeds}, mean ± std. constrained: "

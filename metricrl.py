@@ -159,7 +159,7 @@ def collect_dataset(env, args, rng):
         uniform = rng.integers(4, size=e)
         act = np.where((rng.random(e) < args.epsilon) | ~expert.any(1), uniform, greedy)
         moved = act
-        if args.slip:  # (no draw without slip: the same data as before)
+        if args.slip:  # (no draws without slip: the data of --slip 0 is unchanged by it)
             other = (act + 1 + rng.integers(3, size=e)) % 4  # one of the other three
             moved = np.where(rng.random(e) < args.slip, other, act)
         after = nxt[state, moved]
@@ -422,7 +422,12 @@ def td_loss(v, v_target, x, s, s2, g, args):
 
 def td_distance(v, x, s, g, gamma):
     """td's value as a distance, log_gamma V(s, g): (B,), so the same advantage applies."""
-    return torch.log(v(x, s, g)[:, 0].clamp(1e-6, 1)) / math.log(gamma)
+    return value_to_distance(v(x, s, g)[:, 0], gamma)
+
+
+def value_to_distance(v, gamma):
+    """log_gamma V, the inverse of value(): V (...) -> steps (...), V clamped to (0, 1]."""
+    return torch.log(v.clamp(1e-6, 1)) / math.log(gamma)
 
 
 # ========================================================== 6. training (Algorithm 1)
@@ -475,7 +480,8 @@ def train(env, data, x, critic, actor, args, evaluate_fn, log):
               "mu": torch.ones((), device=x.device)}  # the constrained objective's multiplier
     goals = args.goals if args.goals != "auto" else "hindsight" if args.algo == "gcbc" else "random"
     cdata = with_super_state(data, args, len(x)) if args.super_state else data
-    counts = transition_counts(cdata, len(x) + args.super_state)  # for --batch-size 0
+    cells = len(x) + (1 if args.super_state else 0)  # the super-state is one more "cell"
+    counts = transition_counts(cdata, cells)  # for --batch-size 0
     sums, n_sums, tick, last = {}, {}, time.time(), 0
     for step in range(1, args.steps + 1):
         loss, info, dist = critic_step(critic, x, cdata, counts, args, memory)
@@ -536,7 +542,7 @@ def critic_distances(critic, x, args):
         z = embed(critic, x, args)[:len(x)]  # (N, k), without the super-state
         return pairwise(z, z, args.metric)
     if args.algo == "td":
-        return torch.log(pair_table(critic, x)[..., 0].clamp(1e-6, 1)) / math.log(args.gamma)
+        return value_to_distance(pair_table(critic, x)[..., 0], args.gamma)
 
 
 def critic_table(dz, nxt):
@@ -1099,9 +1105,10 @@ def grid(args):
     envs, algos, negatives = items("envs") or [args.env], items("algos"), items("negatives")
     try:
         epsilons = list(dict.fromkeys(float(e) for e in items("epsilons")))
-        assert all(0 <= e <= 1 for e in epsilons)
-    except (ValueError, AssertionError):
-        raise UsageError(f"--epsilons must be numbers in [0, 1], got {args.epsilons!r}") from None
+    except ValueError:
+        epsilons = [math.nan]
+    if not all(0 <= e <= 1 for e in epsilons):  # (nan fails too)
+        raise UsageError(f"--epsilons must be numbers in [0, 1], got {args.epsilons!r}")
     for flag, values, known in (("algos", algos, VARIANTS), ("negatives", negatives, NEGATIVES),
                                 ("epsilons", epsilons, None)):
         if not values:

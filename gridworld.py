@@ -1,72 +1,51 @@
 """A tabular, goal-conditioned gridworld with exact shortest-path ground truth.
 
 ## Description
-An agent moves between the free cells of an ASCII map and must reach a goal cell.
-Every state is a cell, so the whole MDP fits in a table and the exact distance
-between any two cells (the fewest actions) is known by breadth-first search.
-That ground truth is what metricrl.py measures a learned critic and policy against.
-
-    >>> import gridworld, gymnasium
-    >>> env = gymnasium.make("GridWorld-v0", layout="rooms", render_mode="ansi")
-    >>> obs, info = env.reset(seed=0)
-    >>> print(env.render())
+An agent moves between the free cells of an ASCII map to a goal cell. The whole MDP fits
+in a table, and breadth-first search gives the exact distance (fewest actions) between any
+two cells: the truth metricrl.py measures against. `gymnasium.make("GridWorld-v0")`.
 
 ## Action Space
-`Discrete(4)`: 0 up, 1 right, 2 down, 3 left (absolute moves). A move into a wall
-or off the map leaves the agent where it is. A one-way cell (`^ > v <` on the map) can
-be entered from any side but left only in its arrow's direction; any other move stays.
-Then actions are not invertible and distances are not symmetric: `distance_matrix()`
-is from row to column. With `slip=p`, a move goes in one of the three other directions
-(uniformly) with probability p; the ground truth stays the deterministic BFS.
+`Discrete(4)`: 0 up, 1 right, 2 down, 3 left; into a wall or off the map, the agent stays.
+A one-way cell (`^ > v <`) is entered from any side and left only in its arrow's direction:
+actions are then not invertible, and `distance_matrix()` is from row to column.
 
 ## Observation Space
-A `Dict` in the Gymnasium-Robotics goal-conditioned convention, each entry the
-(row, col) of a cell as an int64 array of shape (2,):
-`observation` (the agent), `achieved_goal` (the agent again), `desired_goal` (the goal).
+A `Dict` (Gymnasium-Robotics' goal-conditioned convention) of (row, col) int64 arrays,
+shape (2,): `observation` and `achieved_goal` (the agent), `desired_goal` (the goal).
+
+## Starting State
+Start and goal are drawn uniformly over the ordered pairs of distinct cells with a path
+between them; `reset(options={"start": (r, c), "goal": (r, c)})` fixes either or both.
 
 ## Rewards
-1.0 on the step that reaches the goal, else 0.0 (sparse).
+1.0 on the step that reaches the goal, else 0.0.
 
 ## Episode End
-Terminated when the agent reaches the goal. Truncated after `max_episode_steps`
-(1000 when made through `gymnasium.make`), more than every shortest path on every
-named map including `maze51` (diameter 224).
+At the goal; truncated after 1000 steps through `gymnasium.make` (`maze51`'s diameter: 224).
 
 ## Arguments
-`layout`: a name from `LAYOUTS`, `maze<N>` for a generated N x N maze (odd N >= 7),
-a path to a text file of ASCII rows, or the rows themselves as one string.
-`render_mode`: None, "ansi" or "rgb_array".
-`slip`: probability that a move slips to another direction (default 0: deterministic).
+`layout`: a name from `LAYOUTS`, `maze<N>` (a generated N x N maze, odd 7 <= N <= 1001), a
+text file of ASCII rows, or the rows as one string. `render_mode`: None, "ansi" or
+"rgb_array". `slip`: the probability that a move goes in one of the other three directions.
 """
 import functools
+import numbers
 import os
 import re
 
 import gymnasium
 import numpy as np
 
-# Action a moves by MOVES[a] = (d_row, d_col): 0 up, 1 right, 2 down, 3 left.
-MOVES = np.array([(-1, 0), (0, 1), (1, 0), (0, -1)])
-
-# Map characters: walls, free cells, and one-way free cells left only by their action.
-WALL, FREE = "#", "."
+MOVES = np.array([(-1, 0), (0, 1), (1, 0), (0, -1)])  # (d_row, d_col): up, right, down, left
+WALL, FREE = "#", "."  # map characters, and one-way cells, left only by their action:
 ONE_WAY = {"^": 0, ">": 1, "v": 2, "<": 3}
 CELL_CHARS = {WALL: "wall", FREE: "free cell",
               **{ch: f"one-way cell (left only by action {a})" for ch, a in ONE_WAY.items()}}
 
 LAYOUTS = {
     # An empty room: 8 x 8 free cells, diameter 14.
-    "open": """
-##########
-#........#
-#........#
-#........#
-#........#
-#........#
-#........#
-#........#
-#........#
-##########""",
+    "open": "\n".join(["#" * 10, *["#" + "." * 8 + "#"] * 8, "#" * 10]),
     # Sutton's four rooms: 104 free cells, four doorways, diameter 20.
     "rooms": """
 #############
@@ -114,33 +93,17 @@ LAYOUTS = {
 #.#####.#.#.#####.#.#
 #.........#.......#.#
 #####################""",
-    # Four rooms with two one-way doors (> and <), a circulation: east at the top, west
-    # at the bottom. From the top-right room back to the top-left one is 3 rooms around.
-    "oneway": """
-#############
-#.....#.....#
-#.....#.....#
-#.....>.....#
-#.....#.....#
-#.....#.....#
-##.####.....#
-#.....###.###
-#.....#.....#
-#.....#.....#
-#.....<.....#
-#.....#.....#
-#############""",
 }
+# Four rooms with one-way doors, > at the top and < at the bottom: a circulation.
+LAYOUTS["oneway"] = LAYOUTS["rooms"].replace("#...........#", "#.....>.....#", 1).replace(
+    "#...........#", "#.....<.....#", 1)
 
 
 # ----------------------------------------------------------------------------- maps
 def generate_maze(n):
-    """An n x n maze (outer wall included, n odd >= 7), the same text on every machine.
-
-    A depth-first "recursive backtracker" carves a perfect maze (one path between any
-    two cells) on the ((n-1)/2)^2 odd cells; then one inner wall in 25 is knocked out
-    so that there are loops. Its own LCG, seeded by n: no global RNG, no hashing.
-    """
+    """An n x n maze (outer wall included, n odd >= 7), the same on every machine: a
+    depth-first backtracker carves a perfect maze on the odd cells, then one inner wall
+    in 25 is knocked out, for loops. Its own LCG, seeded by n: no global RNG."""
     m, state = (n - 1) // 2, n
 
     def below(k):  # a 64-bit linear congruential generator (Knuth's MMIX constants)
@@ -173,18 +136,15 @@ def generate_maze(n):
 def parse_layout(text):
     """ASCII rows -> (H, W) array of map characters, checked; raises ValueError."""
     rows = [row.rstrip() for row in text.strip("\n").split("\n")]
-    if not any(rows):
-        raise ValueError("layout is empty")
     for i, row in enumerate(rows):
         if len(row) != len(rows[0]):
             raise ValueError(f"layout rows differ in length: row {i} has {len(row)} "
                              f"characters, row 0 has {len(rows[0])}")
-        for j, ch in enumerate(row):
-            if ch not in CELL_CHARS:
-                known = ", ".join(f"'{k}' {v}" for k, v in CELL_CHARS.items())
-                raise ValueError(f"unknown character {ch!r} at row {i}, column {j} "
-                                 f"(0-based); known: {known}")
     grid = np.array([list(row) for row in rows])
+    for i, j in np.argwhere(~np.isin(grid, list(CELL_CHARS)))[:1]:
+        known = ", ".join(f"'{k}' {v}" for k, v in CELL_CHARS.items())
+        raise ValueError(f"unknown character {str(grid[i, j])!r} at row {i}, column {j} "
+                         f"(0-based); known: {known}")
     if (grid != WALL).sum() < 2:
         raise ValueError("layout has fewer than two free cells")
     return grid
@@ -192,24 +152,24 @@ def parse_layout(text):
 
 def load_layout(spec):
     """A layout name, `maze<N>`, a file path, or map text -> the checked map text.
-
-    Cells outside the map count as walls, so a border of '#' is optional.
-    """
-    spec = os.fspath(spec)  # a str, or a pathlib.Path
-    if "\n" in spec:
-        text = spec
-    elif spec in LAYOUTS:
-        text = LAYOUTS[spec]
+    Cells outside the map count as walls, so a border of '#' is optional."""
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(f"layout must be a name, a path or map text, got {type(spec).__name__}")
+    spec = os.fspath(spec)
+    if "\n" in spec or spec in LAYOUTS:
+        text = LAYOUTS.get(spec, spec)
     elif re.fullmatch(r"maze\d+", spec):
-        n = int(spec[4:])
-        if n < 7 or n % 2 == 0:
-            raise ValueError(f"{spec}: a generated maze needs an odd size N >= 7, e.g. maze25")
-        text = generate_maze(n)
+        if not (7 <= int(spec[4:]) <= 1001 and int(spec[4:]) % 2):
+            raise ValueError(f"{spec}: a generated maze needs an odd size 7 <= N <= 1001, "
+                             "e.g. maze25")
+        text = generate_maze(int(spec[4:]))
     elif os.path.sep in spec or "." in spec or os.path.exists(spec):
-        if not os.path.isfile(spec):
-            raise ValueError(f"layout file not found: {spec}")
-        with open(spec) as f:
-            text = f.read()
+        try:
+            with open(spec, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            what = "not found" if isinstance(e, FileNotFoundError) else "unreadable"
+            raise ValueError(f"layout file {what}: {spec} ({type(e).__name__})") from None
     else:
         raise ValueError(f"unknown layout {spec!r}; known: {', '.join(LAYOUTS)}, "
                          "maze<N> (odd N >= 7), or a path to a map file")
@@ -218,7 +178,6 @@ def load_layout(spec):
 
 
 # --------------------------------------------------------------------- ground truth
-# Each table is computed once per map text and cached; the arrays are read-only.
 def _frozen(array):
     array.flags.writeable = False
     return array
@@ -246,22 +205,17 @@ def _transitions(text):
 @functools.lru_cache(maxsize=16)
 def _distances(text):
     """All-pairs BFS, all sources at once: d[i, j] = fewest actions from i to j, or -1.
-
-    reached[j, i] says whether target j has been reached from source i. One BFS level
-    is one gather per action: j joins the frontier of source i if a predecessor
-    k with nxt[k, a] = j was in it. Rows are gathered whole (no per-pair Python work).
-    """
+    A BFS level is one row gather per action: target j joins source i's frontier if a
+    predecessor k (nxt[k, a] = j) was in it. No per-pair Python work."""
     _, _, nxt = _transitions(text)
     n = len(nxt)
-    # pred[j, a]: the cell that action a moves into j (n, a padding row, if none).
-    pred = np.full((n + 1, 4), n)
+    pred = np.full((n + 1, 4), n)  # pred[j, a]: the cell a moves into j (n, padding: none)
     k, a = np.nonzero(nxt != np.arange(n)[:, None])
     pred[nxt[k, a], a] = k
     dist = np.full((n, n), -1, dtype=np.int32)  # (target, source) while building
     frontier = np.zeros((n + 1, n), dtype=bool)  # (target + padding row, source)
     frontier[np.arange(n), np.arange(n)] = True
-    reached = frontier[:n].copy()
-    level = 0
+    reached, level = frontier[:n].copy(), 0
     while frontier.any():
         dist[frontier[:n]] = level
         step = np.zeros((n + 1, n), dtype=bool)
@@ -277,17 +231,14 @@ def _distances(text):
 @functools.lru_cache(maxsize=4)
 def _optimal_actions(text):
     """opt[i, j, a] = action a from i lies on a shortest path to j."""
-    _, _, nxt = _transitions(text)
-    d = _distances(text)
+    nxt, d = _transitions(text)[2], _distances(text)
     after = np.moveaxis(d[nxt], 1, 2)  # (N, N, 4): d(next(i, a), j)
     return _frozen((after == d[:, :, None] - 1) & (d[:, :, None] > 0))
 
 
 # ---------------------------------------------------------------------- environment
 class GridWorld(gymnasium.Env):
-    """A goal-conditioned gridworld; see the module docstring for the spec.
-
-    Ground truth for batched use (N free cells, row-major):
+    """The gridworld of the module docstring; its ground truth, cached, read-only, N cells:
         cells               (N, 2) int   (row, col) of each free cell
         index               (H, W) int   cell index of (row, col), -1 on walls
         transitions()       (N, 4) int   next cell index for each cell and action
@@ -300,11 +251,10 @@ class GridWorld(gymnasium.Env):
     def __init__(self, layout="maze", render_mode=None, slip=0.0):
         if render_mode not in (None, *self.metadata["render_modes"]):
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}")
-        if not 0 <= slip <= 1:
-            raise ValueError(f"slip must be in [0, 1], got {slip}")
-        self.slip = slip
+        if not isinstance(slip, numbers.Real) or not 0 <= slip <= 1:
+            raise ValueError(f"slip must be a number in [0, 1], got {slip!r}")
+        self.slip, self.render_mode = slip, render_mode
         self.layout = load_layout(layout)
-        self.render_mode = render_mode
         self.grid = parse_layout(self.layout)  # (H, W) map characters
         self.height, self.width = self.grid.shape
         self.cells, self.index, _ = _transitions(self.layout)
@@ -314,7 +264,6 @@ class GridWorld(gymnasium.Env):
         self.action_space = gymnasium.spaces.Discrete(4)
         self.agent = self.goal = 0  # cell indices
 
-    # Ground truth, cached per map.
     def transitions(self):
         return _transitions(self.layout)[2]
 
@@ -324,13 +273,23 @@ class GridWorld(gymnasium.Env):
     def optimal_actions(self):
         return _optimal_actions(self.layout)
 
-    def cell_index(self, row, col):
-        """(row, col) -> index into `cells`; ValueError for a wall or off the map."""
-        if not (0 <= row < self.height and 0 <= col < self.width) or self.index[row, col] < 0:
-            raise ValueError(f"({row}, {col}) is not a free cell of this map")
-        return int(self.index[row, col])
+    def cell_indices(self, rc):
+        """(row, col) int pairs (B, 2) -> cell indices (B,); one pair (2,) -> an int.
+        TypeError for non-integers, ValueError for another shape or a cell that is not free."""
+        a = np.asarray(rc)
+        if a.dtype.kind not in "iu":
+            raise TypeError(f"cells must be integer (row, col) pairs, got {rc!r:.60}")
+        if a.ndim not in (1, 2) or a.shape[-1] != 2:
+            raise ValueError(f"cells must have shape (2,) or (B, 2), got shape {a.shape}")
+        flat = a.reshape(-1, 2)
+        inside = ((flat >= 0) & (flat < self.grid.shape)).all(1)
+        index = np.full(len(flat), -1)
+        index[inside] = self.index[flat[inside, 0], flat[inside, 1]]
+        if (index < 0).any():
+            raise ValueError(f"{tuple(flat[index < 0][0].tolist())} is not a free cell of "
+                             "this map")
+        return index if a.ndim == 2 else int(index[0])
 
-    # Gymnasium API.
     def _obs(self):
         agent, goal = self.cells[self.agent].copy(), self.cells[self.goal].copy()
         return {"observation": agent, "achieved_goal": agent.copy(), "desired_goal": goal}
@@ -339,40 +298,38 @@ class GridWorld(gymnasium.Env):
         return {"distance": int(self.distance_matrix()[self.agent, self.goal])}
 
     def reset(self, *, seed=None, options=None):
-        """Start and goal uniform over ordered pairs of distinct connected free cells.
-
-        options={"start": (r, c), "goal": (r, c)} fixes either or both.
-        """
+        """Start and goal uniform over ordered pairs of distinct connected cells; options
+        {"start": (r, c), "goal": (r, c)} fixes either or both."""
         super().reset(seed=seed)
         options = options or {}
-        d = self.distance_matrix()
-        fixed = {k: self.cell_index(*options[k]) for k in ("start", "goal") if k in options}
-        start, goal = fixed.get("start"), fixed.get("goal")
-        if start is not None and goal is not None and d[start, goal] <= 0:
-            raise ValueError(f"goal {tuple(options['goal'])} is not reachable from "
-                             f"start {tuple(options['start'])} (or is the start)")
-        ok = d > 0
-        if not ok[start if start is not None else slice(None),
-                  goal if goal is not None else slice(None)].any():
-            raise ValueError("no start and goal pair with a path between them")
-        while True:  # rejection sampling: uniform over the allowed pairs
-            s = start if start is not None else int(self.np_random.integers(len(d)))
-            g = goal if goal is not None else int(self.np_random.integers(len(d)))
-            if ok[s, g]:
-                break
+        if set(options) - {"start", "goal"} or any(np.shape(v) != (2,) for v in options.values()):
+            raise ValueError(f"options are 'start' and 'goal', each one (row, col); got {options}")
+        start, goal = (self.cell_indices(options[k]) if k in options else None
+                       for k in ("start", "goal"))
+        ok = self.distance_matrix() > 0  # (N, N): a path from s to g, s != g
+        if not ok[slice(None) if start is None else start,
+                  slice(None) if goal is None else goal].any():
+            raise ValueError(f"goal not reachable from the start (or the same cell): {options}")
+        s, g = start, goal
+        while s is None or g is None or not ok[s, g]:  # rejection sampling: uniform pairs
+            s = start if start is not None else int(self.np_random.integers(len(ok)))
+            g = goal if goal is not None else int(self.np_random.integers(len(ok)))
         self.agent, self.goal = s, g
         return self._obs(), self._info()
 
     def step(self, action):
-        action = int(action)
+        a = np.asarray(action)
+        if a.ndim or a.dtype.kind not in "iu" or not 0 <= a < 4:
+            raise ValueError(f"action must be one integer, 0 up, 1 right, 2 down or 3 left, "
+                             f"got {action!r:.60}")
+        action = int(a)
         if self.slip and self.np_random.random() < self.slip:  # one of the other three
             action = (action + 1 + int(self.np_random.integers(3))) % 4
         self.agent = int(self.transitions()[self.agent, action])
         reached = self.agent == self.goal
         return self._obs(), float(reached), reached, False, self._info()
 
-    def compute_reward(self, achieved_goal, desired_goal, info):
-        """Gymnasium-Robotics convention: reward for (batches of) achieved/desired goals."""
+    def compute_reward(self, achieved_goal, desired_goal, info):  # Gymnasium-Robotics'
         return np.all(np.asarray(achieved_goal) == np.asarray(desired_goal), axis=-1).astype(float)
 
     def render(self):
@@ -387,7 +344,6 @@ class GridWorld(gymnasium.Env):
             colors[tuple(self.cells[self.goal])] = [40, 170, 60]
             colors[tuple(self.cells[self.agent])] = [30, 90, 220]
             return np.kron(colors, np.ones((8, 8, 1))).astype(np.uint8)  # 8 px a cell
-        return None
 
 
 if "GridWorld-v0" not in gymnasium.registry:

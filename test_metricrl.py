@@ -79,7 +79,7 @@ def test_transitions_table():
     assert nxt.shape == (10, 4)
     assert nxt[0].tolist() == [0, 1, 4, 0]  # up: off map; right; down; left: off map
     assert nxt[1].tolist() == [1, 2, 1, 0]  # down is a wall: stay
-    assert env.cell_index(2, 3) == 9 and env.index[1, 1] == -1
+    assert env.cell_indices((2, 3)) == 9 and env.index[1, 1] == -1
 
 
 # ---------------------------------------------------------------- gridworld: stepping
@@ -224,7 +224,7 @@ def test_oneway_map_is_connected_and_asymmetric():
     env = GridWorld("oneway")
     d = env.distance_matrix()
     assert (d >= 0).all() and (d != d.T).mean() > 0.3
-    a, b = env.cell_index(3, 1), env.cell_index(3, 11)
+    a, b = env.cell_indices([[3, 1], [3, 11]])
     assert d[a, b] == 10 and d[b, a] == 24
 
 
@@ -314,14 +314,15 @@ def test_critic_loss_shapes_and_hand_computed_value():
     z = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
     z2 = torch.tensor([[1.0, 0.0], [3.0, 4.0]])
     s, s2 = torch.tensor([0, 1]), torch.tensor([2, 1])  # transition 1 is a wall bump
-    loss, info = metricrl.critic_loss(z, z2, s, s2, lam=1.0)
+    loss, info = metricrl.metric_loss(*metricrl.batch_pairs(z, z2, s, s2, "euclidean"), Args(lam=1.0))
     # positive: only transition 0 moved, and it has length 1 -> 0.
     # negative: pairs (0, 1) at distance 5 and (1, 0) at distance sqrt(20).
     expected = -(np.log(5 + 1e-6) + np.log(np.sqrt(20) + 1e-6)) / 2
     assert loss.shape == () and info["positive"].item() == pytest.approx(0.0)
     assert info["negative"].item() == pytest.approx(expected, rel=1e-5)
     # row-wise: shifting the pairing changes the positive term (all-pairs would not)
-    _, swapped = metricrl.critic_loss(z, z2.flip(0), s, s2.flip(0), lam=1.0)
+    _, swapped = metricrl.metric_loss(*metricrl.batch_pairs(z, z2.flip(0), s, s2.flip(0), "euclidean"),
+                                      Args(lam=1.0))
     assert swapped["positive"].item() > 1.0
 
 
@@ -348,8 +349,8 @@ def test_critic_learns_to_order_distances_on_a_tiny_map():
     data = metricrl.collect_dataset(env, args, np.random.default_rng(0))
     x, critic, actor = metricrl.build(env, args, "cpu")
     rows = []
-    metricrl.train(env, data, x, critic, actor, args,
-                   lambda: metricrl.evaluate(distances(critic, x), actor, x, truth(env), 1000), rows.append)
+    metricrl.train(data, x, critic, actor, args,
+                   lambda: metricrl.evaluate(distances(critic, x), actor, x, truth(env)), rows.append)
     losses = [r["critic_loss"] for r in rows]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert rows[-1]["spearman"] > 0.8 and rows[-1]["monotonicity"] > 0.8
@@ -366,7 +367,7 @@ def test_logged_losses_average_only_the_steps_that_computed_them():
         data = metricrl.collect_dataset(env, args, np.random.default_rng(0))
         x, critic, actor = metricrl.build(env, args, "cpu")
         rows = []
-        metricrl.train(env, data, x, critic, actor, args, lambda: {}, rows.append)
+        metricrl.train(data, x, critic, actor, args, lambda: {}, rows.append)
         logged.append(rows[-1]["actor_loss"])
     assert logged[1] == pytest.approx(logged[0], rel=0.3)
 
@@ -394,8 +395,8 @@ def test_actor_with_perfect_critic_becomes_optimal():
     on_path = torch.as_tensor(np.array(env.optimal_actions()))[s, g, a]
     assert w[on_path].min() > 10 * w[~on_path].max()
     rows = []
-    metricrl.train(env, data, x, critic, actor, args,
-                   lambda: metricrl.evaluate(distances(critic, x), actor, x, truth(env), 1000), rows.append)
+    metricrl.train(data, x, critic, actor, args,
+                   lambda: metricrl.evaluate(distances(critic, x), actor, x, truth(env)), rows.append)
     assert rows[-1]["optimal_action_rate"] == 1.0 and rows[-1]["success_rate"] == 1.0
     assert rows[-1]["spearman"] == pytest.approx(1.0)
 
@@ -403,17 +404,17 @@ def test_actor_with_perfect_critic_becomes_optimal():
 def test_metrics_of_optimal_random_and_looping_policies():
     env = GridWorld("rooms")
     t = truth(env)
-    x = metricrl.cell_features(env, "onehot")
+    x = metricrl.build(env, Args(), "cpu")[0]  # one-hot features
     critic = nn.Identity()  # phi = one-hot: every pair at distance sqrt(2)
-    optimal = metricrl.evaluate(distances(critic, x), TableActor(t["opt"].float()), x, t, 1000)
+    optimal = metricrl.evaluate(distances(critic, x), TableActor(t["opt"].float()), x, t)
     assert optimal["success_rate"] == 1.0 and optimal["path_ratio"] == 1.0
     assert optimal["optimal_action_rate"] == 1.0
     torch.manual_seed(0)
-    random = metricrl.evaluate(distances(critic, x), TableActor(torch.randn(t["opt"].shape)), x, t, 1000)
+    random = metricrl.evaluate(distances(critic, x), TableActor(torch.randn(t["opt"].shape)), x, t)
     assert random["success_rate"] < 0.5 and random["optimal_action_rate"] < 0.7
     up = torch.zeros(t["opt"].shape)
     up[..., 0] = 1  # always up: stuck at the top wall, never reaches a goal below
-    looping = metricrl.evaluate(distances(critic, x), TableActor(up), x, t, 1000)
+    looping = metricrl.evaluate(distances(critic, x), TableActor(up), x, t)
     assert looping["success_rate"] < 0.5
 
 
@@ -435,9 +436,6 @@ def test_rollout_counts_loops_as_failures():
     table = torch.ones(10, 10, dtype=torch.long)  # always right
     reached, steps = metricrl.rollout(table, nxt, 1000)
     assert not reached[0, 4] and reached[0, 3] and steps[0, 3] == 3  # (0,0) -> (0,3)
-    only = metricrl.rollout(table, nxt, 1000, goals=[3])[0]  # pairs towards cell 3 only
-    moved = ~torch.eye(10, dtype=torch.bool)  # s != g; s == g counts as reached at step 0
-    assert (only[:, 3] == reached[:, 3]).all() and not (only & moved)[:, [0, 1, 2, 4]].any()
 
 
 @pytest.mark.parametrize("layout", ["rooms", "maze"])
@@ -490,12 +488,16 @@ def test_end_to_end_outputs_reload_and_same_seed(tmp_path):
 
 
 def test_bench_writes_positive_figures(tmp_path):
-    out = tmp_path / "bench"
-    metricrl.main(["--bench", "--env", tiny_map(tmp_path), "--steps", "5", "--episodes", "10",
-                   "--episode-len", "20", "--hidden", "16", "--out", str(out)])
-    bench = json.loads((out / "bench.json").read_text())
-    assert bench["device"] == "cpu" and [r["batch_size"] for r in bench["train"]] == [0, 256, 1024]
-    assert all(r["steps_per_s"] > 0 for r in bench["train"]) and bench["eval_pairs_per_s"] > 0
+    """--bench adds the training speed and the evaluation's speed to metrics.json, for each critic
+    batch size (0: the whole dataset)."""
+    for b in (0, 256, 1024):
+        out = tmp_path / f"bench{b}"
+        metricrl.main(["--bench", "--env", tiny_map(tmp_path), "--steps", "5", "--episodes", "10",
+                       "--episode-len", "20", "--hidden", "16", "--batch-size", str(b), "--quiet",
+                       "--out", str(out)])
+        bench = json.loads((out / "metrics.json").read_text())
+        assert bench["device"] == "cpu" and bench["flags"]["batch_size"] == b
+        assert bench["train_steps_per_s"] > 0 and bench["eval_pairs_per_s"] > 0
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -569,17 +571,20 @@ def test_dataset_critic_loss_equals_critic_loss_on_the_whole_dataset():
     data = metricrl.collect_dataset(env, Args(episodes=3, episode_len=40), np.random.default_rng(0))
     z = torch.randn(len(env.cells), 5, dtype=torch.float64)
     s, s2 = data["s"], data["s2"]
-    loss, info = metricrl.critic_loss(z[s], z[s2], s, s2, lam=0.7)
-    counts = metricrl.transition_counts(data, len(env.cells))
-    grouped, grouped_info = metricrl.dataset_critic_loss(z, [c.double() for c in counts], lam=0.7)
+    loss, info = metricrl.metric_loss(*metricrl.batch_pairs(z[s], z[s2], s, s2, "euclidean"), Args(lam=0.7))
+    moved, pairs = (c.double() for c in metricrl.pair_counts(data, len(env.cells)))
+    d = metricrl.pairwise(z, z)
+    grouped, grouped_info = metricrl.metric_loss(d, moved, d, pairs, Args(lam=0.7))
     assert grouped.item() == pytest.approx(loss.item(), rel=1e-9)
     assert grouped_info["positive"].item() == pytest.approx(info["positive"].item(), rel=1e-9)
 
 
 def test_data_size_rule_grows_with_the_map():
-    sized = {name: metricrl.size_to_map(Args(), GridWorld(name)) for name in ("maze", "maze25", "maze51")}
-    assert [sized[name].episodes for name in ("maze", "maze25", "maze51")] == [200, 600, 2000]
-    assert metricrl.size_to_map(Args(episodes=7), GridWorld("maze51")).episodes == 7
+    def episodes(name, **kw):  # trajectories collected for --episodes 0 (or as given)
+        data = metricrl.collect_dataset(GridWorld(name), Args(episode_len=2, **kw), np.random.default_rng(0))
+        return len(data["s"]) // 2
+    assert [episodes(name) for name in ("maze", "maze25", "maze51")] == [200, 600, 2000]
+    assert episodes("maze51", episodes=7) == 7
 
 
 def test_policy_table_in_chunks_equals_one_pass():
@@ -601,7 +606,7 @@ def test_push_shapes_hand_computed():
     assert metricrl.push(d, "raw").tolist() == pytest.approx([-0.5, -2.0])
     z = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
     s, s2 = torch.tensor([0, 1]), torch.tensor([2, 3])
-    _, info = metricrl.critic_loss(z, z, s, s2, lam=1.0, shape="inverse")
+    _, info = metricrl.metric_loss(*metricrl.batch_pairs(z, z, s, s2, "euclidean"), Args(negative="inverse"))
     assert info["negative"].item() == pytest.approx(1 / 5, rel=1e-5)  # both pairs at 5
 
 
@@ -656,7 +661,7 @@ def test_negative_inverse_trains_and_differs_from_log(tmp_path):
     runs = {shape: metricrl.main(["--env", tiny_map(tmp_path), "--negative", shape, *TINY,
                                   "--steps", "300", "--critic-only", "0.9",
                                   "--out", str(tmp_path / shape)]) for shape in ("log", "inverse")}
-    assert runs["inverse"]["algo"] == "metricrl-inverse"
+    assert runs["inverse"]["algo"] == "metricrl" and "negative=inverse" in runs["inverse"]["run"]
     assert runs["inverse"]["spearman"] > 0.8 and runs["log"]["spearman"] > 0.8  # both learn
     drop = ("seconds", "peak_memory_mb", "algo", "flags")
     assert ({k: v for k, v in runs["log"].items() if k not in drop} !=
@@ -777,7 +782,7 @@ def constrained_distances(layout, seed=0):
     torch.manual_seed(seed)
     data = metricrl.collect_dataset(env, args, np.random.default_rng(seed))
     x, critic, actor = metricrl.build(env, args, "cpu")
-    metricrl.train(env, data, x, critic, actor, args, dict, lambda row: None)
+    metricrl.train(data, x, critic, actor, args, dict, lambda row: None)
     dz = metricrl.critic_distances(critic, x, args)
     return dz, torch.as_tensor(np.array(env.distance_matrix())).float()
 
@@ -804,8 +809,8 @@ def test_assumptions_writes_every_row_and_resumes(tmp_path, capsys):
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) == 1 + len(metricrl.ASSUMPTIONS)  # header + one row per variant
     assert (tmp_path / "a" / "assumptions.png").stat().st_size > 0
-    distinct = {(env, tuple((k, v) for k, v in flags.items() if v != getattr(Args(), k)))
-                for _, env, _, flags in metricrl.ASSUMPTIONS}  # slip 0 is the default run
+    distinct = {tuple((k, v) for k, v in flags.items() if v != getattr(Args(), k))
+                for _, flags in metricrl.ASSUMPTIONS}  # slip 0 is the default run
     assert len(list((tmp_path / "a").glob("*/metrics.json"))) == len(distinct)
     capsys.readouterr()
     metricrl.main(flags)

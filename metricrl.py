@@ -468,8 +468,7 @@ def run(args):
         score = lambda: evaluate(  # noqa: E731  (every metric, now)
             critic_distances(critic, x, args), actor, x, truth, args.slip)
         if not agent:
-            report(f"{args.env}: {n} cells | data {cover} | device {device} | {args.steps} steps",
-                   args)
+            report(f"{args.env}: {n} cells | data {cover} | {device} | {args.steps} steps", args)
             train(data, x, critic, actor, args, score,
                   lambda row: (history.append(row), report(row, args)))
         metrics = {k: v for k, v in (score() if agent else history[-1]).items() if k in METRICS}
@@ -677,14 +676,16 @@ def check_args(args, given=frozenset()):
     """Raise UsageError for a value or a combination of flags that a run cannot use."""
     numbers = " ".join(f.name for f in dataclasses.fields(Args) if type(f.default) in (int, float))
     for names, ok, what in [  # nan fails every test
-            ("steps episode_len actor_batch eval_every hidden lr w_max seeds", lambda v: v > 0,
+            ("steps episode_len actor_batch eval_every hidden lr w_max", lambda v: v > 0,
              "positive"), ("seed episodes batch_size lam beta", lambda v: v >= 0, "0 or more"),
+            ("seeds", lambda v: 0 < v <= 100, "in 1..100"),
             ("latent", lambda v: v >= 2, "2 or more (the figure projects phi on 2 axes)"),
             ("epsilon slip", lambda v: 0 <= v <= 1, "in [0, 1]"),
             ("critic_only", lambda v: 0 <= v < 1, "in [0, 1)"),
             ("gamma", lambda v: 0 < v <= 1, "in (0, 1]"),
             ("expectile", lambda v: 0 < v < 1, "in (0, 1)"),
-            (numbers, lambda v: abs(v) < 2**31, "below 2^31")]:
+            (numbers, lambda v: abs(v) < (2**31 if type(v) is int else math.inf), "finite "
+             "(an integer: below 2^31)")]:
         for name in names.split():
             if not ok(getattr(args, name)):
                 raise UsageError(f"--{name.replace('_', '-')} must be {what}, got "

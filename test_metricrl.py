@@ -2,6 +2,7 @@
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import warnings
@@ -526,19 +527,31 @@ def test_bench_writes_positive_figures(tmp_path):
     (["--lr", "nan"], "--lr must be positive"),
     (["--latent", "1"], "--latent must be 2 or more"),
     (["--env", "SPLITMAP"], "no free cell can reach another one"),
+    (["--load", "EMPTY"], "--load EMPTY: not a metricrl checkpoint (EOFError"),  # what Ctrl-C leaves
+    (["--load", "FILE", "--env", "rooms"], "--env: --load runs a checkpoint with the flags"),
+    (["--bench", "--load", "x.pt"], "--bench and --load are two modes"),
+    (["--compare", "--assumptions"], "--compare and --assumptions are two modes"),
+    (["--seed", "99999999999999999999"], "--seed must be finite (an integer: below 2^31)"),
+    (["--beta", "inf"], "--beta must be finite"),
+    (["--seeds", "1000"], "--seeds must be in 1..100"),
+    (["--episodes", "2000000000"], "GB of memory; this machine has"),  # sizes beyond the machine
+    (["--hidden", "100000"], "GB of memory; this machine has"),
+    (["--env", "maze1001"], "GB of memory; this machine has"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, flags, message):
     bad_map, a_file, split = tmp_path / "bad.txt", tmp_path / "file", tmp_path / "split.txt"
+    (tmp_path / "empty.pt").write_bytes(b"")
     bad_map.write_text("#..#\n#.x#")
     split.write_text("#####\n#.#.#\n#####")
     a_file.write_text("not a checkpoint")
     flags = [f.replace("BADMAP", str(bad_map)).replace("FILE", str(a_file))
+             .replace("EMPTY", str(tmp_path / "empty.pt"))
              .replace("SPLITMAP", str(split)) for f in flags]
     with pytest.raises(SystemExit) as exit_info:
         metricrl.main([*flags, "--out", str(tmp_path / "out"), "--quiet"] if "--out" not in flags
                       else [*flags, "--quiet"])
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err.replace(str(tmp_path / "empty.pt"), "EMPTY")
     assert message in err and err.count("\n") == 1
 
 
@@ -815,3 +828,112 @@ def test_assumptions_writes_every_row_and_resumes(tmp_path, capsys):
     capsys.readouterr()
     metricrl.main(flags)
     assert f"{len(metricrl.ASSUMPTIONS)} done before" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------- the command line under real use
+def test_help_lists_every_knob_with_its_comment(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        metricrl.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "--super-state" in out and "(default: 2600)" in out
+    assert "behaviour: random action with this probability" in out  # Args' comment on epsilon
+
+
+def test_default_folder_names_what_differs_from_the_defaults(tmp_path, monkeypatch):
+    assert metricrl.run_name(Args()) == "maze-metricrl-s0"
+    assert metricrl.run_name(Args(algo="gcbc", epsilon=0.5, super_state=True, seed=2)) == \
+        "maze-gcbc-epsilon=0.5-super-state-s2"
+    monkeypatch.chdir(tmp_path)
+    for eps in ("0", "1"):  # the second run does not replace the first
+        metricrl.main(["--env", tiny_map(tmp_path), *TINY, "--epsilon", eps])
+    data, rest = "episodes=20-episode-len=30", "hidden=32-steps=60-batch-size=64-eval-every=30"  # TINY
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
+        f"room-metricrl-{data}-epsilon=0-{rest}-s0", f"room-metricrl-{data}-{rest}-s0"]
+
+
+def test_a_failed_run_leaves_the_folder_as_it_was(tmp_path, capsys):
+    out = tmp_path / "d"
+    metricrl.main(["--env", tiny_map(tmp_path), *TINY, "--out", str(out)])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(SystemExit) as exit_info:  # diverges: nan losses
+        metricrl.main(["--env", tiny_map(tmp_path), *TINY, "--lr", "1e10", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.count("\n") == 1 and "diverged" in err and "--lr" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing mixed, no leftovers
+
+
+def test_a_second_run_into_a_folder_replaces_every_file(tmp_path):
+    out = tmp_path / "d"
+    metricrl.main(["--env", tiny_map(tmp_path), *TINY, "--out", str(out)])
+    metricrl.main(["--env", tiny_map(tmp_path), *TINY, "--algo", "gcbc", "--steps", "30",
+                   "--out", str(out)])
+    saved = json.loads((out / "metrics.json").read_text())
+    ckpt = torch.load(out / "model.pt", weights_only=True)
+    assert saved["algo"] == ckpt["args"]["algo"] == "gcbc" and ckpt["args"]["steps"] == 30
+    assert (out / "log.csv").read_text().count("\n") == 2 and sorted(p.name for p in out.iterdir()) \
+        == ["log.csv", "metricrl.png", "metrics.json", "model.pt"]
+
+
+def shell(args, tmp_path, **kw):
+    """metricrl.py in a subprocess, as a user's shell would start it."""
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "metricrl.py"), *args], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_a_closed_stdout_does_not_stop_the_run(tmp_path):
+    """python metricrl.py ... | head -1: the run goes on and saves its results."""
+    run = shell(["--env", tiny_map(tmp_path), *TINY[:-1], "--out", "p"], tmp_path)
+    run.stdout.readline()
+    run.stdout.close()  # what head does after one line
+    assert run.wait(timeout=120) == 0 and "Traceback" not in run.stderr.read()
+    assert (tmp_path / "p" / "metrics.json").exists()
+
+
+def test_a_console_that_cannot_show_epsilon(tmp_path):
+    """A non-UTF-8 console (Windows' cp1252, LC_ALL=C): files are UTF-8, the output replaces."""
+    env = {**os.environ, "PYTHONIOENCODING": "ascii", "LC_ALL": "C", "PYTHONUTF8": "0"}
+    run = shell(["--compare", "--env", tiny_map(tmp_path), "--algos", "gcbc", "--epsilons", "1",
+                 "--seeds", "1", *TINY, "--out", "c"], tmp_path, env=env)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 0 and "Traceback" not in err and "\\u03b5" in out
+    assert "| env | method | ε |" in (tmp_path / "c" / "compare.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no SIGINT to a child process on Windows")
+def test_ctrl_c_in_a_sweep_says_how_to_resume(tmp_path):
+    flags = ["--compare", "--env", tiny_map(tmp_path), "--algos", "metricrl,gcbc", "--epsilons",
+             "0,1", "--seeds", "2", *TINY, "--out", "c"]
+    run = shell(flags, tmp_path)
+    run.stdout.readline(), run.stdout.readline()  # the header, then the first run's line
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130 and err.count("\n") == 1 and "resumes" in err
+    resumed = shell(flags, tmp_path)
+    assert resumed.wait(timeout=120) == 0 and " 0 done before" not in resumed.stdout.readline()
+
+
+def test_gridworld_rejects_bad_actions_options_and_layouts():
+    env = GridWorld("open")
+    env.reset(seed=0)
+    for action in (4, -1, 1.7, "x", np.array([1, 2])):
+        with pytest.raises(ValueError, match="action must be one integer"):
+            env.step(action)
+    env.step(np.int64(2))  # what action_space.sample() gives
+    for options, error in (({"begin": (1, 1)}, ValueError), ({"start": (1,)}, ValueError),
+                           ({"start": "ab"}, ValueError), ({"start": (1.5, 2)}, TypeError)):
+        with pytest.raises(error, match="start|cells must be integer"):
+            env.reset(options=options)
+    with pytest.raises(TypeError, match="layout must be a name, a path or map text, got int"):
+        GridWorld(123)
+    with pytest.raises(ValueError, match="slip must be a number in"):
+        GridWorld("open", slip="x")
+
+
+def test_agent_act_rejects_cells_of_the_wrong_type_or_shape(tmp_path):
+    metricrl.main(["--env", tiny_map(tmp_path), *TINY, "--out", str(tmp_path / "a")])
+    agent = metricrl.load_agent(str(tmp_path / "a" / "model.pt"))
+    with pytest.raises(TypeError, match="integer"):
+        agent.act([[1.5, 2.2]], [[1, 1]])
+    with pytest.raises(ValueError, match=r"shape \(2,\) or \(B, 2\)"):
+        agent.act(np.ones((2, 3), dtype=int), [[1, 1]])
+    assert agent.act([[1, 1], [3, 5]], [3, 5]).shape == (2,)  # one goal for both states

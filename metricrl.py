@@ -68,7 +68,7 @@ class Args:  # each knob's comment is its --help text
     algos: str = "metricrl,metricrl-linear,gcbc,td"  # --compare: methods
     epsilons: str = "0,0.25,0.5,0.75,1"  # --compare: behaviour epsilons
     envs: str = ""  # --compare: maps (default: --env)
-    negatives: str = "log"  # --compare: push shapes (metricrl only)
+    negatives: str = "log"  # --compare: each shape but log adds the method metricrl-<shape>
     assumptions: bool = False  # run where the assumptions break, write assumptions.md, .png
     seeds: int = 3  # --compare, --assumptions: seeds per row, from --seed on
 
@@ -118,8 +118,8 @@ class PairNet(nn.Module):
 
 
 def build(env, args, device):
-    """Features x (N, F), one-hot or (row, col) in [-1, 1]; the critic, phi: F -> k (an MLP,
-    departure), td's V or None (gcbc); the actor."""
+    """Features x (N, F) of the cells (departure: not observations), one-hot or (row, col) in
+    [-1, 1]; the critic, phi: F -> k (an MLP, departure), td's V or None (gcbc); the actor."""
     size = torch.tensor([env.height - 1, env.width - 1], dtype=torch.float32).clamp(min=1)
     x = (torch.eye(len(env.cells)) if args.features == "onehot" else
          2 * torch.tensor(env.cells, dtype=torch.float32) / size - 1).to(device)
@@ -157,7 +157,7 @@ def metric_loss(d_pos, n_pos, d_neg, n_neg, args, mu=None):
 
 def batch_pairs(z, z2, s, s2, metric):
     """B transitions as metric_loss's pairs, z, z2 = phi(s), phi(s') (B, k): positive row-wise,
-    (B,) (departure: the authors' are B x B), negative i != j, (B, B); s' = s counts 0."""
+    (B,) (departure: theirs is B x B), negative (B, B); s' = s, s_i = s'_j count 0 (departure)"""
     eye = torch.eye(len(s), dtype=torch.bool, device=s.device)
     return (latent_distance(z, z2, metric), (s != s2).float(),
             pairwise(z, z2, metric), ((s[:, None] != s2[None, :]) & ~eye).float())
@@ -268,7 +268,7 @@ def critic_step(critic, x, data, counts, args, memory):
         loss = td_loss(critic, memory["target"], x, s, s2, g, args)
         return loss, {"td_loss": loss, "critic_loss": loss}, lambda s, g: torch.log(
             critic(x, s, g)[:, 0].clamp(1e-6, 1)) / math.log(args.gamma)  # log_gamma V
-    z = embed(critic, x, args)  # (N, k): phi of every cell once; a batch gathers rows
+    z = embed(critic, x, args)  # (N, k): phi of every cell once, a batch gathers rows (departure)
     if args.batch_size > 0:
         s, _, s2, _ = sample(data, args.batch_size, None, args)  # (B,)
         pairs = batch_pairs(z[s], z[s2], s, s2, args.metric)
@@ -285,7 +285,7 @@ def critic_step(critic, x, data, counts, args, memory):
 
 def train(data, x, critic, actor, args, evaluate, log):
     """Algorithm 1: the critic alone for a `critic_only` share of the steps, then both in one
-    backward pass (gcbc: the actor only); log(losses and evaluate()) every eval_every steps."""
+    backward pass (gcbc: the actor only); log(losses, evaluate()) every eval_every steps or 30 s."""
     params = list(critic.parameters()) if critic is not None else []
     opt = torch.optim.Adam([{"params": params}, {"params": actor.parameters()}],
                            lr=args.lr, fused=True)

@@ -450,8 +450,8 @@ def say(*lines):
 
 def run(args):
     """One run, Algorithm 1: data -> critic and actor (or --load's) -> exact evaluation -> files."""
-    start, flags = time.time(), dataclasses.asdict(args)  # the flags as given: for resuming
-    env, args, device, agent = setup(args)
+    start = time.time()
+    env, args, device, agent = setup(args)  # (--load: the checkpoint's flags)
     out = args.out or (os.path.dirname(args.load) or "." if args.load else
                        os.path.join("runs", run_name(args)))
     with staged(out, ("metrics.json", "log.csv", "model.pt", "metricrl.png")) as tmp:
@@ -487,7 +487,7 @@ def run(args):
                                               2**(20 if sys.platform == "darwin" else 10), 1)
         metrics.update(env=args.env, algo=args.algo, run=run_name(args), seed=args.seed,
                        device=str(device), steps=args.steps, seconds=round(time.time() - start, 2),
-                       dataset=cover, flags=flags)
+                       dataset=cover, flags=dataclasses.asdict(args))
         if args.bench:  # training steps/s as train measured them; one more evaluation, timed
             tick = time.time()
             score()  # (its .item() calls wait for the GPU)
@@ -635,7 +635,7 @@ class Agent:
     (row, col) each, or one (2,) -> (B,) greedy actions; and its env, args, networks, history."""
 
     def __init__(self, path, device="cpu"):
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = dict(torch.load(path, map_location=device, weights_only=True))
         self.args, self.history = Args(**ckpt["args"]), ckpt["history"]
         self.env = gridworld.GridWorld(ckpt["layout"])
         self.x, self.critic, self.actor = build(self.env, self.args, device)
@@ -674,7 +674,8 @@ def parse_args(argv=None):
 
 def check_args(args, given=frozenset()):
     """Raise UsageError for a value or a combination of flags that a run cannot use."""
-    numbers = " ".join(f.name for f in dataclasses.fields(Args) if type(f.default) in (int, float))
+    ints, floats = (" ".join(f.name for f in dataclasses.fields(Args) if type(f.default) is kind)
+                    for kind in (int, float))
     for names, ok, what in [  # nan fails every test
             ("steps episode_len actor_batch eval_every hidden lr w_max", lambda v: v > 0,
              "positive"), ("seed episodes batch_size lam beta", lambda v: v >= 0, "0 or more"),
@@ -684,8 +685,7 @@ def check_args(args, given=frozenset()):
             ("critic_only", lambda v: 0 <= v < 1, "in [0, 1)"),
             ("gamma", lambda v: 0 < v <= 1, "in (0, 1]"),
             ("expectile", lambda v: 0 < v < 1, "in (0, 1)"),
-            (numbers, lambda v: abs(v) < (2**31 if type(v) is int else math.inf), "finite "
-             "(an integer: below 2^31)")]:
+            (ints, lambda v: v < 2**31, "below 2^31"), (floats, math.isfinite, "finite")]:
         for name in names.split():
             if not ok(getattr(args, name)):
                 raise UsageError(f"--{name.replace('_', '-')} must be {what}, got "
@@ -695,7 +695,7 @@ def check_args(args, given=frozenset()):
     ignored = (sorted(given - {"load", "out", "device", "quiet"}) if args.load else []) + [""]
     for bad, message in (
             (two in ("bench", "load") and one != "bench", f"--{one} trains its own runs: drop "
-             "--bench and --load"), (two, f"--{one} and --{two} are two modes: use one"),
+             f"--{two}"), (two, f"--{one} and --{two} are two modes: use one"),
             (ignored[0], f"--{ignored[0].replace('_', '-')}: --load runs a checkpoint with the "
              f"flags it was trained with"),
             (args.algo == "td" and args.gamma == 1, "td (--algo td, or in --algos) needs --gamma "
@@ -713,23 +713,23 @@ def setup(args):
     """The device, --load's checkpoint and the map, once the memory the run needs fits in this
     machine (an estimate, before BFS: the truth and the evaluation take ~250 bytes a pair)."""
     cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if args.device not in ("auto", "cpu", *(f"cuda:{i}" for i in range(cuda)), "cuda" * bool(cuda)):
+    if args.device not in ("auto", "cpu", *(f"cuda:{i}" for i in range(cuda)), *["cuda"][:cuda]):
         raise UsageError(f"--device {args.device}: here auto, cpu" + (
             f" or cuda:0 to cuda:{cuda - 1}" if cuda else f" (CUDA is not available, torch "
                                                            f"{torch.__version__})"))
     device = torch.device(args.device.replace("auto", "cuda" if cuda else "cpu"))
     try:
         agent = load_agent(args.load, device) if args.load else None
-    except Exception as e:  # a missing, empty, truncated or foreign file
-        raise UsageError(f"--load {args.load}: not a metricrl checkpoint ({type(e).__name__}: "
-                         f"{' '.join(str(e).split())[:120]})") from None
+    except Exception as e:  # a missing, empty, truncated or foreign file: its first sentence
+        why = f"{type(e).__name__}: " + (" ".join(str(e).split()).split(". ")[0] or "empty")
+        raise UsageError(f"--load {args.load}: not a metricrl checkpoint ({why[:150]})") from None
     if agent:  # its own flags, this run's output flags
         args = dataclasses.replace(agent.args, load=args.load, out=args.out, device=args.device,
                                    quiet=args.quiet)
     try:
         env = agent.env if agent else gridworld.GridWorld(args.env)
     except (ValueError, TypeError) as e:
-        raise UsageError(str(e) if args.env in str(e) else f"--env {args.env}: {e}") from None
+        raise UsageError(f"--env: {e}") from None
     n, h, f = len(env.cells), args.hidden, len(env.cells) if args.features == "onehot" else 2
     need = 250 * n * n + 100 * (args.episodes or 200 * math.ceil(n / 128)) * args.episode_len + (
         16 * (5 * f * h + 3 * h * h)) + (

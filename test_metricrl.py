@@ -481,6 +481,7 @@ def test_end_to_end_outputs_reload_and_same_seed(tmp_path):
     m3 = metricrl.main(["--load", str(tmp_path / "a" / "model.pt"), "--out", str(tmp_path / "c"),
                         "--quiet"])
     assert drop(m3) == drop(m1)
+    assert m3["flags"]["steps"] == 60 and m3["flags"]["env"] == env  # the checkpoint's flags
     agent = metricrl.load_agent(str(tmp_path / "a" / "model.pt"))
     actions = agent.act(np.array([[1, 1], [3, 5]]), np.array([[3, 5], [1, 1]]))
     assert actions.shape == (2,) and set(actions.tolist()) <= {0, 1, 2, 3}
@@ -516,7 +517,7 @@ def test_bench_writes_positive_figures(tmp_path):
     (["--compare", "--epsilons", "0,x"], "--epsilons must be numbers in [0, 1]"),
     (["--compare", "--negatives", "log,cosh"], "--negatives: unknown 'cosh'"),
     (["--compare", "--epsilons", "0,2"], "--epsilons must be numbers in [0, 1], got '0,2'"),
-    (["--compare", "--bench"], "--compare trains its own runs: drop --bench and --load"),
+    (["--compare", "--bench"], "--compare trains its own runs: drop --bench"),
     (["--assumptions", "--load", "x.pt"], "--assumptions trains its own runs"),
     (["--slip", "2"], "--slip must be in [0, 1], got 2.0"),
     (["--algo", "td", "--metric", "quasimetric"], "--metric are MetricRL's"),
@@ -528,10 +529,12 @@ def test_bench_writes_positive_figures(tmp_path):
     (["--latent", "1"], "--latent must be 2 or more"),
     (["--env", "SPLITMAP"], "no free cell can reach another one"),
     (["--load", "EMPTY"], "--load EMPTY: not a metricrl checkpoint (EOFError"),  # what Ctrl-C leaves
+    (["--load", "TENSOR"], "not a metricrl checkpoint (TypeError"),  # a torch file, not ours
+    (["--device", ""], "--device : here auto, cpu"),
     (["--load", "FILE", "--env", "rooms"], "--env: --load runs a checkpoint with the flags"),
     (["--bench", "--load", "x.pt"], "--bench and --load are two modes"),
     (["--compare", "--assumptions"], "--compare and --assumptions are two modes"),
-    (["--seed", "99999999999999999999"], "--seed must be finite (an integer: below 2^31)"),
+    (["--seed", "99999999999999999999"], "--seed must be below 2^31"),
     (["--beta", "inf"], "--beta must be finite"),
     (["--seeds", "1000"], "--seeds must be in 1..100"),
     (["--episodes", "2000000000"], "GB of memory; this machine has"),  # sizes beyond the machine
@@ -541,11 +544,12 @@ def test_bench_writes_positive_figures(tmp_path):
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, flags, message):
     bad_map, a_file, split = tmp_path / "bad.txt", tmp_path / "file", tmp_path / "split.txt"
     (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     bad_map.write_text("#..#\n#.x#")
     split.write_text("#####\n#.#.#\n#####")
     a_file.write_text("not a checkpoint")
     flags = [f.replace("BADMAP", str(bad_map)).replace("FILE", str(a_file))
-             .replace("EMPTY", str(tmp_path / "empty.pt"))
+             .replace("EMPTY", str(tmp_path / "empty.pt")).replace("TENSOR", str(tmp_path / "tensor.pt"))
              .replace("SPLITMAP", str(split)) for f in flags]
     with pytest.raises(SystemExit) as exit_info:
         metricrl.main([*flags, "--out", str(tmp_path / "out"), "--quiet"] if "--out" not in flags

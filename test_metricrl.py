@@ -878,6 +878,32 @@ def test_a_second_run_into_a_folder_replaces_every_file(tmp_path):
         == ["log.csv", "metricrl.png", "metrics.json", "model.pt"]
 
 
+def test_a_damaged_metrics_json_is_run_again(tmp_path, capsys):
+    flags = ["--compare", "--env", tiny_map(tmp_path), "--algos", "gcbc", "--epsilons", "1",
+             "--seeds", "1", *TINY, "--out", str(tmp_path / "c")]
+    metricrl.main(flags)
+    saved = next((tmp_path / "c").glob("*/metrics.json"))
+    for damage in ("[]", "null", '{"flags": 3}', "{", ""):  # what a crash or an editor leaves
+        saved.write_text(damage)
+        capsys.readouterr()
+        metricrl.main(flags)
+        assert "0 done before" in capsys.readouterr().out
+        assert json.loads(saved.read_text())["algo"] == "gcbc"
+
+
+def test_two_runs_at_once_into_one_folder_never_mix(tmp_path):
+    runs = [shell(["--env", tiny_map(tmp_path), *TINY, "--algo", algo, "--out", "d"], tmp_path)
+            for algo in ("metricrl", "gcbc")]
+    assert [run.wait(timeout=120) for run in runs] == [0, 0]
+    saved = json.loads((tmp_path / "d" / "metrics.json").read_text())
+    ckpt = torch.load(tmp_path / "d" / "model.pt", weights_only=True)
+    log = (tmp_path / "d" / "log.csv").read_text()
+    assert saved["algo"] == ckpt["args"]["algo"] and ckpt["history"][-1]["step"] == 60
+    assert ("critic_loss" in log) == (saved["algo"] == "metricrl")  # gcbc logs no critic loss
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [
+        "log.csv", "metricrl.png", "metrics.json", "model.pt"]
+
+
 def shell(args, tmp_path, **kw):
     """metricrl.py in a subprocess, as a user's shell would start it."""
     return subprocess.Popen([sys.executable, os.path.join(HERE, "metricrl.py"), *args], cwd=tmp_path,

@@ -827,13 +827,13 @@ def sweep(args):
             f"  {metrics['seconds']:5.1f} s | {left}")
     stats = {label: {k: mean_std([r.get(k, math.nan) for r in runs]) for k in (
         *columns, "critic_success_rate")} for label, runs in results.items()}
-    cell = lambda m, sd: "—" if math.isnan(m) else (  # noqa: E731
-        f"{m:.3f}" + f" ± {sd:.3f}" * (args.seeds > 1))
+    cell = lambda c, m, sd: "—" if math.isnan(m) else f"{m:.1f}" if c == "seconds" else (  # noqa
+        f"{m:.3f}" + f" ± {sd:.3f}" * (args.seeds > 1))  # (seconds: the mean only)
+    rows = [f"| {' | '.join([*k, *(cell(c, *stats[k][c]) for c in columns)])} |" for k in stats]
     table = "\n".join([f"Steps {args.steps}, {args.seeds} seed(s)" + ", mean ± std" * (
         args.seeds > 1) + f"; {os.cpu_count()} CPU cores, torch {torch.__version__}, device "
                        f"{metrics['device']}.", "", "| " + " | ".join(labels + columns) + " |",
-                       "|---" * len(labels + columns) + "|", *("| " + " | ".join([*label, *(
-                           cell(*stats[label][c]) for c in columns)]) + " |" for label in stats)])
+                       "|---" * len(labels + columns) + "|", *rows])
     with staged(root, (f"{name}.md", f"{name}.png")) as tmp:
         with open(os.path.join(tmp, f"{name}.md"), "w", encoding="utf-8") as f:
             f.write(table + "\n")
@@ -861,21 +861,21 @@ def mean_std(values):
 
 
 def sweep_plot(path, name, labels, stats):
-    """A bar per row: the actor's success, mean ± std over seeds; a tick: its critic's own."""
+    """A bar per row: the actor's success, mean ± std over seeds; a diamond: its critic's own."""
     rows = list(stats)[::-1]  # top to bottom
-    at = np.arange(len(rows)) + np.cumsum([0] + [a[0] != b[0] for a, b in zip(rows, rows[1:])])
-    groups = list(dict.fromkeys(row[0] for row in rows))
-    fig = Figure(figsize=(10, 1.4 + 0.3 * at[-1]))
+    i = next((i for i in range(len(rows[0])) if len({r[i] for r in rows}) > 1), 0)  # groups by
+    at = np.arange(len(rows)) + np.cumsum([0] + [a[i] != b[i] for a, b in zip(rows, rows[1:])])
+    groups = list(dict.fromkeys(row[i] for row in rows))  # the first label that varies
+    fig = Figure(figsize=(10, 1.4 + 0.3 * at[-1]), layout="constrained")  # room for the labels
     ax = fig.subplots()
     ax.barh(at, [stats[r]["success_rate"][0] for r in rows], xerr=[stats[r]["success_rate"][1]
-            for r in rows], capsize=3, color=[f"C{groups.index(r[0])}" for r in rows])
-    ax.plot([stats[r]["critic_success_rate"][0] for r in rows], at, "k|", ms=12, mew=2,
-            label="its critic's own greedy policy")
+            for r in rows], capsize=3, ecolor="0.5", color=[f"C{groups.index(r[i])}" for r in rows])
+    ax.plot([stats[r]["critic_success_rate"][0] for r in rows], at, "kD", ms=6,
+            label="its critic's own greedy policy (mean)")
     ax.set_yticks(at, [" · ".join(r) for r in rows], fontsize=8)
     ax.set(xlim=(0, 1.02), xlabel=f"success over all pairs ({' · '.join(labels)})",
-           title=f"--{name}: the actor's success (bars), mean ± std over seeds")
+           title=f"--{name}: the actor's success (bars: mean ± std over seeds)")
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
     fig.savefig(path, dpi=80)
 
 

@@ -45,17 +45,17 @@ class Args:  # each knob's comment is its --help text
     latent: int = 32  # k, the size of the embedding phi(s)
     hidden: int = 128  # width of the hidden layers of phi and pi
     lam: float = 1.0  # lambda, weight of the negative (push) term
-    metric: typing.Literal["euclidean", "quasimetric"] = "euclidean"  # d_phi
+    metric: typing.Literal["euclidean", "quasimetric"] = "euclidean"  # d_phi, or asymmetric
     objective: typing.Literal["paper", "constrained"] = "paper"  # constrained: d(s, s') <= 1
     negative: typing.Literal[NEGATIVES] = "log"  # the push: -log d (the paper), 1/d, -d
     gamma: float = 0.99  # discount in V(s, g) = gamma^d(s, g)
     weighting: typing.Literal["exp", "linear"] = "exp"  # linear: w = A (the authors' code)
     beta: float = 6.0  # inverse temperature of the exp weights
     w_max: float = 100.0  # clip of the exp weights
-    goals: typing.Literal["auto", "random", "hindsight"] = "auto"  # auto: hindsight for gcbc
+    goals: typing.Literal["auto", "random", "hindsight"] = "auto"  # auto: hindsight (gcbc), random
     expectile: float = 0.7  # td: expectile of the TD target
     steps: int = 2600  # gradient steps in all
-    critic_only: float = 0.2  # share of the steps that train the critic alone
+    critic_only: float = 0.2  # share of the steps that train the critic alone (not gcbc)
     batch_size: int = 0  # critic batch: 0, the whole dataset; B > 0, B transitions
     actor_batch: int = 1024  # (transition, goal) samples per actor step
     lr: float = 3e-3  # Adam learning rate (the actor's falls linearly to 0)
@@ -69,7 +69,7 @@ class Args:  # each knob's comment is its --help text
     epsilons: str = "0,0.25,0.5,0.75,1"  # --compare: behaviour epsilons
     envs: str = ""  # --compare: maps (default: --env)
     negatives: str = "log"  # --compare: each shape but log adds the method metricrl-<shape>
-    assumptions: bool = False  # run where the assumptions break, write assumptions.md, .png
+    assumptions: bool = False  # runs where each assumption breaks: assumptions.md, .png
     seeds: int = 3  # --compare, --assumptions: seeds per row, from --seed on
 
 

@@ -828,7 +828,7 @@ def sweep(args):
     stats = {label: {k: mean_std([r.get(k, math.nan) for r in runs]) for k in (
         *columns, "critic_success_rate")} for label, runs in results.items()}
     cell = lambda c, m, sd: "—" if math.isnan(m) else f"{m:.1f}" if c == "seconds" else (  # noqa
-        f"{m:.3f}" + f" ± {sd:.3f}" * (args.seeds > 1))  # (seconds: the mean only)
+        f"{m:.3f}" + f" ± {sd:.3f}" * (args.seeds > 1))  # E731; seconds: the mean alone
     rows = [f"| {' | '.join([*k, *(cell(c, *stats[k][c]) for c in columns)])} |" for k in stats]
     table = "\n".join([f"Steps {args.steps}, {args.seeds} seed(s)" + ", mean ± std" * (
         args.seeds > 1) + f"; {os.cpu_count()} CPU cores, torch {torch.__version__}, device "
@@ -863,9 +863,9 @@ def mean_std(values):
 def sweep_plot(path, name, labels, stats):
     """A bar per row: the actor's success, mean ± std over seeds; a diamond: its critic's own."""
     rows = list(stats)[::-1]  # top to bottom
-    i = next((i for i in range(len(rows[0])) if len({r[i] for r in rows}) > 1), 0)  # groups by
+    i = next((i for i in range(len(rows[0])) if len({r[i] for r in rows}) > 1), 0)
     at = np.arange(len(rows)) + np.cumsum([0] + [a[i] != b[i] for a, b in zip(rows, rows[1:])])
-    groups = list(dict.fromkeys(row[i] for row in rows))  # the first label that varies
+    groups = list(dict.fromkeys(row[i] for row in rows))  # by the first label that varies
     fig = Figure(figsize=(10, 1.4 + 0.3 * at[-1]), layout="constrained")  # room for the labels
     ax = fig.subplots()
     ax.barh(at, [stats[r]["success_rate"][0] for r in rows], xerr=[stats[r]["success_rate"][1]

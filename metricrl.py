@@ -26,7 +26,7 @@ import gridworld
 
 LIMIT = gymnasium.spec("GridWorld-v0").max_episode_steps  # rollout steps: 1000
 NEGATIVES = ("log", "inverse", "raw")  # shapes of the critic's push, see push()
-MODES = ("bench", "compare", "assumptions", "algos", "epsilons", "envs", "negatives", "seeds")
+MODES = ("compare", "assumptions", "algos", "epsilons", "envs", "seeds")
 
 
 @dataclasses.dataclass
@@ -44,6 +44,7 @@ class Args:  # each knob's comment is its --help text
     super_state: bool = False  # join every trajectory's end to one virtual state
     latent: int = 32  # k, the size of the embedding phi(s)
     hidden: int = 128  # width of the hidden layers of phi and pi
+    critic: typing.Literal["paper", "bfs"] = "paper"  # bfs: the exact BFS distance (an oracle)
     lam: float = 1.0  # lambda, weight of the negative (push) term
     metric: typing.Literal["euclidean", "quasimetric"] = "euclidean"  # d_phi, or asymmetric
     objective: typing.Literal["paper", "constrained"] = "paper"  # constrained: d(s, s') <= 1
@@ -51,24 +52,22 @@ class Args:  # each knob's comment is its --help text
     gamma: float = 0.99  # discount in V(s, g) = gamma^d(s, g)
     weighting: typing.Literal["exp", "linear"] = "exp"  # linear: w = A (the authors' code)
     beta: float = 6.0  # inverse temperature of the exp weights
-    w_max: float = 100.0  # clip of the exp weights
-    goals: typing.Literal["auto", "random", "hindsight"] = "auto"  # auto: hindsight (gcbc), random
+    w_max: float = 1e4  # clip of the exp weights (td's; MetricRL's stay below e^(beta d(s, s')))
+    goals: typing.Literal["auto", "uniform", "random", "hindsight"] = "auto"  # auto: gcbc hindsight
     expectile: float = 0.7  # td: expectile of the TD target
     steps: int = 2600  # gradient steps in all
     critic_only: float = 0.2  # share of the steps that train the critic alone (not gcbc)
     batch_size: int = 0  # critic batch: 0, the whole dataset; B > 0, B transitions
-    actor_batch: int = 1024  # (transition, goal) samples per actor step
+    actor_batch: int = 0  # (transition, goal) samples per actor step; 0: max(1024, N^2 / 32)
     lr: float = 3e-3  # Adam learning rate (the actor's falls linearly to 0)
     eval_every: int = 500  # exact evaluation every this many steps
     out: str = ""  # output folder (default: runs/<map>-<algo>-<knobs changed>-s<seed>)
     load: str = ""  # re-evaluate this model.pt, write the run's files beside it (or in --out)
     quiet: bool = False  # no progress lines
-    bench: bool = False  # add to metrics.json: training steps/s, evaluated pairs/s
     compare: bool = False  # run methods x data qualities, write compare.md and compare.png
-    algos: str = "metricrl,metricrl-linear,gcbc,td"  # --compare: methods
+    algos: str = "metricrl,metricrl-linear,gcbc,td"  # --compare: also metricrl-inverse, -raw, -bfs
     epsilons: str = "0,0.25,0.5,0.75,1"  # --compare: behaviour epsilons
     envs: str = ""  # --compare: maps (default: --env)
-    negatives: str = "log"  # --compare: each shape but log adds the method metricrl-<shape>
     assumptions: bool = False  # runs where each assumption breaks: assumptions.md, .png
     seeds: int = 3  # --compare, --assumptions: seeds per row, from --seed on
 
@@ -119,15 +118,19 @@ class PairNet(nn.Module):
 
 def build(env, args, device):
     """Features x (N, F) of the cells (departure: not observations), one-hot or (row, col) in
-    [-1, 1]; the critic, phi: F -> k (an MLP, departure), td's V or None (gcbc); the actor."""
+    [-1, 1]; the critic, phi: F -> k (an MLP, departure), td's V, None (gcbc) or the BFS
+    distance as a frozen table (--critic bfs, an oracle: weight[s, g] = d(s, g)); the actor."""
     size = torch.tensor([env.height - 1, env.width - 1], dtype=torch.float32).clamp(min=1)
     x = (torch.eye(len(env.cells)) if args.features == "onehot" else
          2 * torch.tensor(env.cells, dtype=torch.float32) / size - 1).to(device)
     f, h = x.shape[1], args.hidden
     critic = {"metricrl": lambda: nn.Sequential(nn.Linear(f, h), nn.ReLU(), nn.Linear(h, h),
-                                                nn.ReLU(), nn.Linear(h, args.latent)).to(device),
-              "td": lambda: PairNet(f, h, 1).to(device), "gcbc": lambda: None}[args.algo]()
-    return x, critic, PairNet(f, h).to(device)
+                                                nn.ReLU(), nn.Linear(h, args.latent)),
+              "bfs": lambda: nn.Embedding.from_pretrained(torch.tensor(env.distance_matrix(),
+                                                                       dtype=torch.float32)),
+              "td": lambda: PairNet(f, h, 1), "gcbc": lambda: None}[
+        "bfs" if args.critic == "bfs" else args.algo]()
+    return x, None if critic is None else critic.to(device), PairNet(f, h).to(device)
 
 
 # =========================================================== 2. critic (paper Sec. 3)
@@ -208,7 +211,8 @@ def value(d, gamma):
 
 def advantage_weights(d, d2, args):
     """w from d = d_phi(s, g), d2 = d_phi(s', g), (B,): A = d - d2 = log_gamma V(s, g)/V(s', g), in
-    steps (departure); exp: min(exp(beta A), w_max) (departure); linear: A (the authors' code)."""
+    steps (departure); exp: min(exp(beta A), w_max) (departure); linear: A (the authors' code).
+    A clip that binds ties the best actions and their counts in the data decide (README)."""
     adv = d - d2  # (B,)
     if args.weighting == "linear":
         return adv
@@ -222,13 +226,25 @@ def actor_loss(logits, a, w):
     return -(w * logp).mean()
 
 
+def balance(data):
+    """For goals "uniform": the data's cells (C,) and each transition's weight (M,), so that s is
+    a uniform cell, a a uniform action of the data at s, then one of its transitions s, a -> s'."""
+    edge = 4 * data["s"] + data["a"]  # (M,) the move (s, a)
+    actions = torch.bincount(torch.unique(edge) // 4)  # (N,) distinct actions at each cell
+    return {"cells": torch.unique(data["s"]),
+            "weight": 1 / (torch.bincount(edge)[edge] * actions[data["s"]])}
+
+
 def sample(data, n, goals, args):
-    """n transitions with goals, s, a, s2, g (n,): random dataset states (departure), hindsight
-    (a later s' of the same trajectory, GCBC's), mixed (half each, td's) or None."""
+    """n transitions with goals, s, a, s2, g (n,); goals: uniform (balance(); departure), random
+    (the paper's: dataset states), hindsight (a later s' of the trajectory, GCBC's), mixed (td's)"""
     m, dev = len(data["s"]), data["s"].device
-    i = torch.randint(m, (n,), device=dev)
+    i = (torch.multinomial(data["weight"], n, replacement=True) if goals == "uniform" else
+         torch.randint(m, (n,), device=dev))  # (n,) transitions, weighted by balance()
     s, a, s2, g = data["s"][i], data["a"][i], data["s2"][i], None
-    if goals == "random":
+    if goals == "uniform":
+        g = data["cells"][torch.randint(len(data["cells"]), (n,), device=dev)]
+    elif goals == "random":
         g = data["s"][torch.randint(m, (n,), device=dev)]
     elif goals in ("hindsight", "mixed"):
         t = data["t"][i]
@@ -261,8 +277,9 @@ def td_loss(v, v_target, x, s, s2, g, args):
 def critic_step(critic, x, data, counts, args, memory):
     """One critic step: (loss, info, dist(s, g) -> (B,) distances for the actor, or None).
     memory: what a critic keeps between steps, td's V_target and constrained's mu."""
-    if args.algo == "gcbc":
-        return torch.zeros((), device=x.device), {}, None
+    if args.algo == "gcbc" or args.critic == "bfs":
+        return torch.zeros((), device=x.device), {}, None if critic is None else (
+            lambda s, g: critic.weight[s, g])
     if args.algo == "td":
         s, _, s2, g = sample(data, args.actor_batch, "mixed", args)  # (B_actor,)
         loss = td_loss(critic, memory["target"], x, s, s2, g, args)
@@ -283,18 +300,26 @@ def critic_step(critic, x, data, counts, args, memory):
         zd[s], zd[g], args.metric)
 
 
+def actor_budget(n):
+    """The actor's samples per step grow with the N^2 pairs it must learn (departure)."""
+    return max(1024, n * n // 32)
+
+
 def train(data, x, critic, actor, args, evaluate, log):
     """Algorithm 1: the critic alone for a `critic_only` share of the steps, then both in one
-    backward pass (gcbc: the actor only); log(losses, evaluate()) every eval_every steps or 30 s."""
-    params = list(critic.parameters()) if critic is not None else []
-    opt = torch.optim.Adam([{"params": params}, {"params": actor.parameters()}],
-                           lr=args.lr, fused=True)
-    actor_from = 0 if args.algo == "gcbc" else int(args.critic_only * args.steps)
+    backward pass (gcbc, --critic bfs: the actor only); log(losses, evaluate()) every eval_every
+    steps, log(losses) after 30 s without one."""
+    opt = torch.optim.Adam([{"params": critic.parameters() if critic else []},
+                            {"params": actor.parameters()}], lr=args.lr, fused=True)
+    actor_from = (0 if args.algo == "gcbc" or args.critic == "bfs" else
+                  int(args.critic_only * args.steps))
     decay = torch.optim.lr_scheduler.LambdaLR(opt, [  # the actor's falls to 0 (departure)
         lambda k: 1.0, lambda k: min(1.0, (args.steps - k) / max(1, args.steps - actor_from))])
     memory = {"target": copy.deepcopy(critic) if args.algo == "td" else None,
               "mu": torch.ones((), device=x.device)}
-    goals = args.goals if args.goals != "auto" else "hindsight" if args.algo == "gcbc" else "random"
+    goals = {"auto": "hindsight" if args.algo == "gcbc" else "uniform"}.get(args.goals, args.goals)
+    data = {**data, **balance(data)}
+    args = dataclasses.replace(args, actor_batch=args.actor_batch or actor_budget(len(x)))
     cdata = with_super_state(data, args, len(x)) if args.super_state else data
     counts = pair_counts(cdata, len(x) + args.super_state)
     sums, tick, last = {}, time.time(), 0
@@ -317,20 +342,21 @@ def train(data, x, critic, actor, args, evaluate, log):
                     p_target.lerp_(p, TARGET_RATE)
         for k, v in info.items():  # summed on the device: no host sync per step
             sums[k] = (sums.get(k, (0, 0))[0] + v.detach(), sums.get(k, (0, 0))[1] + 1)
-        if step % args.eval_every == 0 or step == args.steps or time.time() - tick > 30:
+        scored = step % args.eval_every == 0 or step == args.steps
+        if scored or time.time() - tick > 30:  # a progress line at least every 30 s
             row = {"step": step, **{k: v.item() / n for k, (v, n) in sums.items()},
                    "steps_per_s": (step - last) / max(time.time() - tick, 1e-6)}
             for k in sums:
                 if not math.isfinite(row[k]):
                     raise FloatingPointError(f"training diverged: at step {step} the {k} is "
                                              f"{row[k]}; try a smaller --lr")
-            log({**row, **evaluate()})
+            log({**row, **(evaluate() if scored else {})})
             sums, tick, last = {}, time.time(), step
 
 
 # ========================================================= 7. evaluation (exact, BFS)
 METRICS = ("success_rate", "path_ratio", "optimal_action_rate", "value_greedy_rate",
-           "critic_success_rate", "spearman", "monotonicity", "one_way_order")
+           "critic_success_rate", "spearman", "monotonicity")
 
 
 def ground_truth(env, device):
@@ -351,6 +377,8 @@ def pair_table(net, x, chunk=1 << 16):
 @torch.no_grad()
 def critic_distances(critic, x, args):
     """The critic's distances, (N, N): d_phi, log_gamma V (td), or None (gcbc)."""
+    if args.critic == "bfs":
+        return critic.weight
     if args.algo == "metricrl":
         z = embed(critic, x, args)[:len(x)]  # (N, k), without the super-state
         return pairwise(z, z, args.metric)
@@ -423,11 +451,8 @@ def evaluate(dz, actor, x, truth, slip=0.0, limit=LIMIT):
                "path_ratio": (steps[ok] / d[ok]).mean().item() if ok.any() else math.nan,
                "optimal_action_rate": on_path(pi)}
     if dz is None:
-        return {**metrics, **{k: math.nan for k in METRICS[3:-1]}}
+        return {**metrics, **{k: math.nan for k in METRICS[3:]}}
     greedy = dz[nxt].argmin(dim=1)  # (N, N): dz[nxt] is (N, 4, N)
-    shorter = pairs & pairs.T & (d < d.T)  # (N, N) one way is shorter than the way back
-    if shorter.any():  # one-way cells: does the critic know which way is shorter?
-        metrics["one_way_order"] = ((dz.T - dz)[shorter] > 1e-4).double().mean().item()
     return {**metrics, "value_greedy_rate": on_path(greedy),
             "critic_success_rate": rollout(greedy, nxt, limit, slip=slip)[0][pairs]
             .double().mean().item(),
@@ -442,10 +467,9 @@ class UsageError(Exception):
 
 def say(*lines):
     """print, and keep running when stdout is closed (python metricrl.py | head -1)."""
-    try:
-        print(*lines, sep="\n", flush=True)
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    with contextlib.suppress(BrokenPipeError):
+        return print(*lines, sep="\n", flush=True)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # later prints go nowhere
 
 
 def run(args):
@@ -462,9 +486,8 @@ def run(args):
         cover = {"transitions": len(data["s"]), "cell_coverage": len(torch.unique(torch.cat(
             [data["s"], data["s2"]]))) / n, "edge_coverage": len(torch.unique(4 * data["s"] +
                                                                              data["a"])) / (4 * n)}
-        x, critic, actor = (agent.x, agent.critic, agent.actor) if agent else build(
-            env, args, device)
-        history = agent.history if agent else []
+        x, critic, actor, history = (agent.x, agent.critic, agent.actor, agent.history) if (
+            agent) else (*build(env, args, device), [])
         score = lambda: evaluate(  # noqa: E731  (every metric, now)
             critic_distances(critic, x, args), actor, x, truth, args.slip)
         if not agent:
@@ -476,23 +499,14 @@ def run(args):
                     "args": dataclasses.asdict(args), "layout": env.layout, "history": history},
                    os.path.join(tmp, "model.pt"))
         with open(os.path.join(tmp, "log.csv"), "w", newline="", encoding="utf-8") as f:
-            log = csv.DictWriter(f, list(dict.fromkeys(k for row in history for k in row)))
-            log.writeheader()
-            log.writerows(history)
+            keys = list(dict.fromkeys(k for row in history for k in row))  # a header row, rows
+            csv.DictWriter(f, keys).writerows([dict(zip(keys, keys)), *history])
         plot_run(os.path.join(tmp, "metricrl.png"), env, args, x, critic, actor, data, truth,
                  history, metrics)
-        with contextlib.suppress(ImportError):  # peak memory in MB (no `resource` on Windows)
-            import resource  # ru_maxrss: KiB, bytes on macOS
-            metrics["peak_memory_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss /
-                                              2**(20 if sys.platform == "darwin" else 10), 1)
         metrics.update(env=args.env, algo=args.algo, run=run_name(args), seed=args.seed,
                        device=str(device), steps=args.steps, seconds=round(time.time() - start, 2),
+                       train_steps_per_s=float(np.median([h["steps_per_s"] for h in history])),
                        dataset=cover, flags=dataclasses.asdict(args))
-        if args.bench:  # training steps/s as train measured them; one more evaluation, timed
-            tick = time.time()
-            score()  # (its .item() calls wait for the GPU)
-            metrics.update(train_steps_per_s=float(np.median([h["steps_per_s"] for h in history])),
-                           eval_pairs_per_s=n * n / (time.time() - tick))
         with open(os.path.join(tmp, "metrics.json"), "w", encoding="utf-8") as f:
             json.dump(metrics, f, indent=2)
     report(f"wrote {os.path.join(out, '')} (metrics.json, log.csv, model.pt, metricrl.png) in "
@@ -502,14 +516,13 @@ def run(args):
 
 
 def report(row, args):
-    """Text, or one progress line per evaluation: losses, speed, exact metrics, time left."""
+    """Text, or one progress line: losses, speed, exact metrics (if evaluated), time left."""
     if args.quiet or isinstance(row, str):
         return args.quiet or say(row)
-    scores = {"success": row["success_rate"], "critic success": row["critic_success_rate"],
-              "monotonicity": row["monotonicity"]}
     text = [f"step {row['step']:6d}/{args.steps}", *(f"{k[:-5]} {row[k]:7.3f}" for k in (
         "critic_loss", "actor_loss") if k in row), f"{row['steps_per_s']:5.0f} steps/s |", *(
-        f"{k} {v:.3f}" for k, v in scores.items() if not math.isnan(v))]
+        f"{k} {row[m]:.3f}" for k, m in (("success", "success_rate"), ("critic success", "critic_"
+        "success_rate"), ("monotonicity", "monotonicity")) if not math.isnan(row.get(m, math.nan)))]
     left = (args.steps - row["step"]) / row["steps_per_s"] / 60
     say("  ".join(text) + f" | about {left:.1f} min left" * (left > 1))
 
@@ -542,8 +555,9 @@ def plot_run(path, env, args, x, critic, actor, data, truth, history, metrics):
     fig = Figure(figsize=(20, 9.5))
     top, bottom = fig.subplots(2, 4)
     for ax, values, title, cmap, label, kw in (
-            (top[0], v, f"{args.algo} has no critic" if v is None else r"Learned $V(s, g) = "
-             r"\gamma^{d_\phi(s, g)}$" if args.algo == "metricrl" else "Learned V(s, g), by TD",
+            (top[0], v, f"{args.algo} has no critic" if v is None else "--critic bfs: the true V"
+             if args.critic == "bfs" else r"Learned $V(s, g) = \gamma^{d_\phi(s, g)}$" if
+             args.algo == "metricrl" else "Learned V(s, g), by TD",
              "viridis", "V", {"vmin": low, "vmax": 1}),
             (top[1], v_true, r"True optimal $V^*(s, g) = \gamma^{d(s, g)}$", "viridis", "V*",
              {"vmin": low, "vmax": 1}),
@@ -561,14 +575,14 @@ def plot_run(path, env, args, x, critic, actor, data, truth, history, metrics):
     top[2].quiver(env.cells[:, 1], env.cells[:, 0], move[:, 1], move[:, 0], angles="xy",
                   scale_units="xy", scale=1.6, width=0.006 * small, color="k")
     top[2].plot(*env.cells[fails].T[::-1], "x", color="red", ms=9 * small, mew=2 * small)
-    z = embed(critic, x, args)[:len(x)].cpu().numpy() if args.algo == "metricrl" else None
+    z = embed(critic, x, args)[:len(x)].cpu().numpy() if (args.algo, args.critic) == (
+        "metricrl", "paper") else None
     plot_learning(fig, bottom, env, args, d, dz, z, goal, to_goal, history)
     critic = "" if dz is None else (f", critic success {metrics['critic_success_rate']:.3f}, "
                                     f"monotonicity {metrics['monotonicity']:.3f}")
-    fig.suptitle(f"{run_name(args)} ({len(x)} cells, {len(data['s'])} transitions of data, "
-                 f"ε = {args.epsilon}). Over all pairs: success "
-                 f"{metrics['success_rate']:.3f}{critic}. Top row: one far goal g = "
-                 f"{tuple(env.cells[goal].tolist())}", size=13)
+    fig.suptitle(f"{run_name(args)} ({len(x)} cells, {len(data['s'])} transitions of data, ε = "
+                 f"{args.epsilon}). Over all pairs: success {metrics['success_rate']:.3f}{critic}. "
+                 f"Top row: one far goal g = {tuple(env.cells[goal].tolist())}", size=13)
     fig.subplots_adjust(left=0.035, right=0.965, bottom=0.07, top=0.92, wspace=0.32, hspace=0.22)
     fig.savefig(path, dpi=70)
 
@@ -583,7 +597,7 @@ def plot_learning(fig, axes, env, args, d, dz, z, goal, to_goal, history):
             rows = [h for h in history if not math.isnan(h.get(key, math.nan))]
             if rows:
                 ax.plot([h["step"] for h in rows], [h[key] for h in rows], "o-", ms=3, label=key)
-    if args.algo != "gcbc":
+    if args.algo != "gcbc" and args.critic != "bfs":
         a_metrics.axvline(args.critic_only * args.steps, color="0.5", ls=":", label="actor starts")
     a_metrics.set(title="Exact metrics during training", xlabel="gradient step", ylim=(0, 1.02))
     a_loss.set(title="Losses (mean since the last point)", xlabel="gradient step")
@@ -598,7 +612,8 @@ def plot_learning(fig, axes, env, args, d, dz, z, goal, to_goal, history):
     a_d.plot(dist, q[:, 1], label="median")
     a_d.plot(dist, dist, "k--", lw=1, label="learned = true")
     a_d.set(title="Learned vs true distance, all pairs", xlabel="true distance d(s, g) (BFS)",
-            ylabel="learned " + ("d_φ(s, g)" if z is not None else "log_γ V(s, g)"))
+            ylabel="BFS d(s, g), the oracle" if args.critic == "bfs" else "learned " + (
+                "d_φ(s, g)" if z is not None else "log_γ V(s, g)"))
     a_d.legend()
     if z is None:
         return show_map(fig, a_z, env, None, "no embedding φ")
@@ -616,8 +631,7 @@ def plot_learning(fig, axes, env, args, d, dz, z, goal, to_goal, history):
 # ---------------------------------------------------------------- files and checkpoints
 @contextlib.contextmanager
 def staged(out, names):
-    """The files `names` are written in a fresh folder inside `out`, then each moved into place:
-    a run that fails or stops leaves `out` as it was, so no folder mixes two runs."""
+    """Write `names` in a new folder in `out`, then move them in: a failed run changes nothing."""
     try:
         os.makedirs(tmp := os.path.join(out, f".partial-{os.getpid()}-{time.time_ns()}"))
     except OSError as e:
@@ -631,27 +645,23 @@ def staged(out, names):
 
 
 class Agent:
-    """A trained policy from a model.pt, load_agent(path, device): act(states, goals), (B, 2) int
+    """A trained policy from a model.pt, Agent(path, device): act(states, goals), (B, 2) int
     (row, col) each, or one (2,) -> (B,) greedy actions; and its env, args, networks, history."""
 
     def __init__(self, path, device="cpu"):
         ckpt = dict(torch.load(path, map_location=device, weights_only=True))
-        self.args, self.history = Args(**ckpt["args"]), ckpt["history"]
-        self.env = gridworld.GridWorld(ckpt["layout"])
+        self.args = Args(**{k: v for k, v in ckpt["args"].items() if k in Args.__annotations__})
+        self.history, self.env = ckpt["history"], gridworld.GridWorld(ckpt["layout"])
         self.x, self.critic, self.actor = build(self.env, self.args, device)
         for net, state in ((self.critic, ckpt["critic"]), (self.actor, ckpt["actor"])):
             if net is not None:
                 net.load_state_dict(state)
-                net.eval()
 
     @torch.no_grad()
     def act(self, states, goals):
         s, g = (torch.as_tensor(np.atleast_1d(self.env.cell_indices(c)), device=self.x.device)
                 for c in (states, goals))
         return self.actor(self.x, *torch.broadcast_tensors(s, g)).argmax(-1).cpu().numpy()
-
-
-load_agent = Agent
 
 
 # --------------------------------------------------------------------- the command line
@@ -677,9 +687,8 @@ def check_args(args, given=frozenset()):
     ints, floats = (" ".join(f.name for f in dataclasses.fields(Args) if type(f.default) is kind)
                     for kind in (int, float))
     for names, ok, what in [  # nan fails every test
-            ("steps episode_len actor_batch eval_every hidden lr w_max", lambda v: v > 0,
-             "positive"), ("seed episodes batch_size lam beta", lambda v: v >= 0, "0 or more"),
-            ("seeds", lambda v: 0 < v <= 100, "in 1..100"),
+            ("steps episode_len eval_every hidden lr w_max seeds", lambda v: v > 0, "positive"),
+            ("seed episodes batch_size actor_batch lam beta", lambda v: v >= 0, "0 or more"),
             ("latent", lambda v: v >= 2, "2 or more (the figure projects phi on 2 axes)"),
             ("epsilon slip", lambda v: 0 <= v <= 1, "in [0, 1]"),
             ("critic_only", lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -690,19 +699,18 @@ def check_args(args, given=frozenset()):
             if not ok(getattr(args, name)):
                 raise UsageError(f"--{name.replace('_', '-')} must be {what}, got "
                                  f"{getattr(args, name)!r}")
-    one, two, *_ = [m for m in ("compare", "assumptions", "bench", "load") if getattr(args, m)] + [
-        "", ""]  # the modes given
+    one, two, *_ = [m for m in ("compare", "assumptions", "load") if getattr(args, m)] + ["", ""]
     ignored = (sorted(given - {"load", "out", "device", "quiet"}) if args.load else []) + [""]
     for bad, message in (
-            (two in ("bench", "load") and one != "bench", f"--{one} trains its own runs: drop "
-             f"--{two}"), (two, f"--{one} and --{two} are two modes: use one"),
+            (two == "load", f"--{one} trains its own runs: drop --load"),
+            (two, f"--{one} and --{two} are two modes: use one"),
             (ignored[0], f"--{ignored[0].replace('_', '-')}: --load runs a checkpoint with the "
              f"flags it was trained with"),
             (args.algo == "td" and args.gamma == 1, "td (--algo td, or in --algos) needs --gamma "
              "below 1 (its distance is log_gamma V)"),
-            (args.algo != "metricrl" and (args.super_state or args.objective != "paper" or
-                                          args.metric != "euclidean"), "--super-state, "
-             "--objective and --metric are MetricRL's: use --algo metricrl"),
+            (args.algo != "metricrl" and (args.super_state, args.objective, args.metric,
+             args.critic) != (False, "paper", "euclidean", "paper"), "--super-state, --objective, "
+             "--metric and --critic are MetricRL's: use --algo metricrl"),
             (args.objective == "constrained" and args.batch_size > 0, "--objective constrained "
              "uses the whole dataset: --batch-size 0")):
         if bad:
@@ -719,7 +727,7 @@ def setup(args):
                                                            f"{torch.__version__})"))
     device = torch.device(args.device.replace("auto", "cuda" if cuda else "cpu"))
     try:
-        agent = load_agent(args.load, device) if args.load else None
+        agent = Agent(args.load, device) if args.load else None
     except Exception as e:  # a missing, empty, truncated or foreign file: its first sentence
         why = f"{type(e).__name__}: " + (" ".join(str(e).split()).split(". ")[0] or "empty")
         raise UsageError(f"--load {args.load}: not a metricrl checkpoint ({why[:150]})") from None
@@ -732,14 +740,12 @@ def setup(args):
         raise UsageError(f"--env: {e}") from None
     n, h, f = len(env.cells), args.hidden, len(env.cells) if args.features == "onehot" else 2
     need = 250 * n * n + 100 * (args.episodes or 200 * math.ceil(n / 128)) * args.episode_len + (
-        16 * (5 * f * h + 3 * h * h)) + (
-        32 * (args.actor_batch * h + args.batch_size ** 2))  # bytes: truth, data, Adam, batches
+        16 * (5 * f * h + 3 * h * h)) + 32 * (  # bytes: truth, data, Adam, batches
+        (args.actor_batch or actor_budget(n)) * h + args.batch_size ** 2)
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if os.name == "posix" else 0
     if need > 0.8 * have > 0:
         raise UsageError(f"--env {args.env} with these flags needs about {need / 2**30:.1f} GB "
                          f"of memory; this machine has {have / 2**30:.1f} GB")
-    if need > 2**30:
-        say(f"{args.env}: about {need / 2**30:.1f} GB of memory; expect minutes")
     if not (env.distance_matrix() > 0).any():
         raise UsageError(f"--env {args.env}: no free cell can reach another one")
     return env, args, device, agent
@@ -758,12 +764,12 @@ def run_name(args, base=None):
 
 # -------------------------------------------------- sweeps: --compare and --assumptions
 VARIANTS = {"metricrl": {}, "metricrl-linear": {"weighting": "linear"}, "gcbc": {"algo": "gcbc"},
-            "td": {"algo": "td"}, **{f"metricrl-{n}": {"negative": n} for n in NEGATIVES[1:]}}
+            "td": {"algo": "td"}, **{f"metricrl-{n}": {"negative": n} for n in NEGATIVES[1:]},
+            "metricrl-bfs": {"critic": "bfs"}}
 ASSUMPTIONS = [  # ((experiment, map, variant), flags)
     *[(("invertible actions", env, name), {"env": env, **flags}) for env in ("oneway", "maze")
       for name, flags in (("euclidean", {}), ("quasimetric", {"metric": "quasimetric"}))],
-    *[(("deterministic moves", "maze", f"slip {p:g}"), {"env": "maze", "slip": p})
-      for p in (0, 0.1, 0.3)],
+    *[(("deterministic moves", "maze", f"slip {p:g}"), {"slip": p}) for p in (0, 0.1, 0.3)],
     *[(("connected data", "rooms", name), {"env": "rooms", **flags}) for name, flags in (
         ("all data", {}), ("split", {"data": "split"}),
         ("split + super-state", {"data": "split", "super_state": True}))],
@@ -772,31 +778,26 @@ ASSUMPTIONS = [  # ((experiment, map, variant), flags)
           "objective": "constrained", "metric": "quasimetric"}))]]
 SWEEPS = {  # name: (label columns, metric columns, the knobs a row sets: defaults if unset)
     "compare": (("env", "method", "ε"), (*METRICS[:3], METRICS[4], "seconds"),
-                ("env", "algo", "weighting", "negative", "epsilon")),
-    "assumptions": (("experiment", "map", "variant"), METRICS[:6] + METRICS[7:], ("env", "algo",
+                ("env", "algo", "weighting", "negative", "critic", "epsilon")),
+    "assumptions": (("experiment", "map", "variant"), METRICS[:6], ("env", "algo",
                     "weighting", "negative", "metric", "objective", "slip", "data", "super_state"))}
 
 
 def compare_rows(args):
-    """--compare's rows ((map, method, epsilon), flags); --negatives adds metricrl-<shape>."""
+    """--compare's rows ((map, method, epsilon), flags)."""
     listed = {flag: list(dict.fromkeys(v.strip() for v in getattr(args, flag).split(",")
-                                       if v.strip())) for flag in MODES[3:7]}
-    for flag, known in (("algos", VARIANTS), ("negatives", NEGATIVES)):
-        for value in [v for v in listed[flag] if v not in known] + [""] * (not listed[flag]):
-            raise UsageError(f"--{flag}: unknown {value!r}; choose from {', '.join(known)}")
-    try:
-        epsilons = [float(e) for e in listed["epsilons"]] or [math.nan]
-    except ValueError:
-        epsilons = [math.nan]
+                                       if v.strip())) for flag in MODES[2:5]}
+    for value in [v for v in listed["algos"] if v not in VARIANTS] + [""] * (not listed["algos"]):
+        raise UsageError(f"--algos: unknown {value!r}; choose from {', '.join(VARIANTS)}")
+    epsilons = [float(e) if re.fullmatch(r"\d+\.?\d*|\.\d+", e) else math.nan
+                for e in listed["epsilons"]] or [math.nan]
     if not all(0 <= e <= 1 for e in epsilons):  # (nan fails too)
         raise UsageError(f"--epsilons must be numbers in [0, 1], got {args.epsilons!r}")
     for env in listed["envs"] or [args.env]:
         setup(dataclasses.replace(args, env=env))  # a bad map fails now, not in an hour
-    methods = dict.fromkeys(listed["algos"] + [f"metricrl-{n}" for n in listed["negatives"]
-                                               if n != "log"])
     return [((os.path.splitext(os.path.basename(env))[0], name, f"{eps:g}"),
              {"env": env, **VARIANTS[name], "epsilon": eps}) for env in listed["envs"] or [args.env]
-            for name in methods for eps in dict.fromkeys(epsilons)]
+            for name in listed["algos"] for eps in dict.fromkeys(epsilons)]
 
 
 def sweep(args):
@@ -819,12 +820,11 @@ def sweep(args):
     for k, (label, cell) in enumerate(cells, 1):
         metrics = finished(cell) or dict(run(cell), fresh=True)
         results.setdefault(label, []).append(metrics)
-        left = (f"about {(len(cells) - k) * metrics['seconds'] / 60:.1f} min left" if "fresh" in
-                metrics else "done before")
+        left = f"about {(len(cells) - k) * metrics['seconds'] / 60:.1f} min left"
         say(f"[{k:3d}/{len(cells)}] {os.path.basename(cell.out):40s} success "
-            f"{metrics['success_rate']:.3f}  critic success "
-            f"{metrics['critic_success_rate']:.3f}".replace("nan", "  —") +
-            f"  {metrics['seconds']:5.1f} s | {left}")
+            f"{metrics['success_rate']:.3f}  critic success {metrics['critic_success_rate']:.3f}"
+            .replace("nan", "  —") + f"  {metrics['seconds']:5.1f} s | " +
+            (left if "fresh" in metrics else "done before"))
     stats = {label: {k: mean_std([r.get(k, math.nan) for r in runs]) for k in (
         *columns, "critic_success_rate")} for label, runs in results.items()}
     cell = lambda c, m, sd: "—" if math.isnan(m) else f"{m:.1f}" if c == "seconds" else (  # noqa

@@ -52,7 +52,7 @@ class Args:  # each knob's comment is its --help text
     gamma: float = 0.99  # discount in V(s, g) = gamma^d(s, g)
     weighting: typing.Literal["exp", "linear"] = "exp"  # linear: w = A (the authors' code)
     beta: float = 6.0  # inverse temperature of the exp weights
-    w_max: float = 1e4  # clip of the exp weights (td's; MetricRL's stay below e^(beta d(s, s')))
+    w_max: float = 1000.0  # clip of the exp weights: at beta 6, it binds for A > 1.15 steps
     goals: typing.Literal["auto", "uniform", "random", "hindsight"] = "auto"  # auto: gcbc hindsight
     expectile: float = 0.7  # td: expectile of the TD target
     steps: int = 2600  # gradient steps in all
@@ -524,7 +524,7 @@ def report(row, args):
         f"{k} {row[m]:.3f}" for k, m in (("success", "success_rate"), ("critic success", "critic_"
         "success_rate"), ("monotonicity", "monotonicity")) if not math.isnan(row.get(m, math.nan)))]
     left = (args.steps - row["step"]) / row["steps_per_s"] / 60
-    say("  ".join(text) + f" | about {left:.1f} min left" * (left > 1))
+    say("  ".join(text).rstrip(" |") + f" | about {left:.1f} min left" * (left > 1))
 
 
 # ---------------------------------------------------------------------------- figures

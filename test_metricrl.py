@@ -754,7 +754,7 @@ def test_readme_exercises_run_as_written(tmp_path):
     section = text.split("## Exercises")[1].split("\n## ")[0]
     commands = [line.strip() for line in section.splitlines()
                 if line.strip().startswith("python metricrl.py ")]
-    assert 6 <= len(re.findall(r"^\d\. \*\*", section, re.M)) <= 8 and len(commands) >= 8
+    assert 6 <= len(re.findall(r"^\d\. \*\*", section, re.M)) <= 9 and len(commands) >= 8
     for i, command in enumerate(commands):
         argv = shlex.split(command)[2:]
         metrics = metricrl.main([*argv, "--steps", "30", "--eval-every", "30", "--quiet",

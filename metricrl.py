@@ -212,7 +212,7 @@ def value(d, gamma):
 def advantage_weights(d, d2, args):
     """w from d = d_phi(s, g), d2 = d_phi(s', g), (B,): A = d - d2 = log_gamma V(s, g)/V(s', g), in
     steps (departure); exp: min(exp(beta A), w_max) (departure); linear: A (the authors' code).
-    A clip that binds ties the best actions and their counts in the data decide (README)."""
+    A clip that binds often ties the best moves, and then the data's counts choose (README)."""
     adv = d - d2  # (B,)
     if args.weighting == "linear":
         return adv

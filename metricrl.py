@@ -231,7 +231,7 @@ def balance(data):
     a uniform cell, a a uniform action of the data at s, then one of its transitions s, a -> s'."""
     edge = 4 * data["s"] + data["a"]  # (M,) the move (s, a)
     actions = torch.bincount(torch.unique(edge) // 4)  # (N,) distinct actions at each cell
-    return {"cells": torch.unique(data["s"]),
+    return {"cells": actions.nonzero()[:, 0],  # the cells the data leaves from
             "weight": 1 / (torch.bincount(edge)[edge] * actions[data["s"]])}
 
 

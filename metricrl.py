@@ -16,7 +16,6 @@ import sys
 import time
 import typing
 
-import gymnasium
 import numpy as np
 import torch
 import torch.nn as nn
@@ -24,7 +23,7 @@ from matplotlib.figure import Figure
 
 import gridworld
 
-LIMIT = gymnasium.spec("GridWorld-v0").max_episode_steps  # rollout steps: 1000
+LIMIT = gridworld.gymnasium.spec("GridWorld-v0").max_episode_steps  # rollout steps: 1000
 NEGATIVES = ("log", "inverse", "raw")  # shapes of the critic's push, see push()
 MODES = ("compare", "assumptions", "algos", "epsilons", "envs", "seeds")
 
@@ -44,7 +43,7 @@ class Args:  # each knob's comment is its --help text
     super_state: bool = False  # join every trajectory's end to one virtual state
     latent: int = 32  # k, the size of the embedding phi(s)
     hidden: int = 128  # width of the hidden layers of phi and pi
-    critic: typing.Literal["paper", "bfs"] = "paper"  # bfs: the exact BFS distance (an oracle)
+    critic: typing.Literal["paper", "exact", "bfs"] = "paper"  # exact: exact_loss(); bfs: an oracle
     lam: float = 1.0  # lambda, weight of the negative (push) term
     metric: typing.Literal["euclidean", "quasimetric"] = "euclidean"  # d_phi, or asymmetric
     objective: typing.Literal["paper", "constrained"] = "paper"  # constrained: d(s, s') <= 1
@@ -65,7 +64,7 @@ class Args:  # each knob's comment is its --help text
     load: str = ""  # re-evaluate this model.pt, write the run's files beside it (or in --out)
     quiet: bool = False  # no progress lines
     compare: bool = False  # run methods x data qualities, write compare.md and compare.png
-    algos: str = "metricrl,metricrl-linear,gcbc,td"  # --compare: also metricrl-inverse, -raw, -bfs
+    algos: str = "metricrl,metricrl-linear,gcbc,td"  # or metricrl-exact, -bfs, -inverse, -raw
     epsilons: str = "0,0.25,0.5,0.75,1"  # --compare: behaviour epsilons
     envs: str = ""  # --compare: maps (default: --env)
     assumptions: bool = False  # runs where each assumption breaks: assumptions.md, .png
@@ -111,15 +110,14 @@ class PairNet(nn.Module):
                                   nn.Linear(hidden, outputs))
 
     def forward(self, x, s, g):
-        """x (N, F) features of all cells; s, g (B,) -> (B, outputs). W_s x, W_g x once per cell
-        and gathered: the same as [x_s; x_g] through one layer, cheaper (departure)."""
+        """x (N, F) all cells, s, g (B,) -> (B, outputs); W_s x, W_g x once a cell (departure)."""
         return self.body(self.s_in(x).index_select(0, s) + self.g_in(x).index_select(0, g))
 
 
 def build(env, args, device):
     """Features x (N, F) of the cells (departure: not observations), one-hot or (row, col) in
-    [-1, 1]; the critic, phi: F -> k (an MLP, departure), td's V, None (gcbc) or the BFS
-    distance as a frozen table (--critic bfs, an oracle: weight[s, g] = d(s, g)); the actor."""
+    [-1, 1]; the critic, phi: F -> k (an MLP, departure; --critic exact: linear, k = N, a table
+    on one-hot), td's V, None (gcbc) or BFS's d as a frozen table (--critic bfs); the actor."""
     size = torch.tensor([env.height - 1, env.width - 1], dtype=torch.float32).clamp(min=1)
     x = (torch.eye(len(env.cells)) if args.features == "onehot" else
          2 * torch.tensor(env.cells, dtype=torch.float32) / size - 1).to(device)
@@ -128,8 +126,9 @@ def build(env, args, device):
                                                 nn.ReLU(), nn.Linear(h, args.latent)),
               "bfs": lambda: nn.Embedding.from_pretrained(torch.tensor(env.distance_matrix(),
                                                                        dtype=torch.float32)),
+              "exact": lambda: nn.Linear(f, len(x) + args.super_state, bias=False),  # k = N
               "td": lambda: PairNet(f, h, 1), "gcbc": lambda: None}[
-        "bfs" if args.critic == "bfs" else args.algo]()
+        args.algo if args.critic == "paper" else args.critic]()
     return x, None if critic is None else critic.to(device), PairNet(f, h).to(device)
 
 
@@ -158,6 +157,19 @@ def metric_loss(d_pos, n_pos, d_neg, n_neg, args, mu=None):
     return positive + args.lam * negative, {"positive": positive, "negative": negative}
 
 
+def exact_loss(z, counts, mu):
+    """--critic exact, z (N, k = N): a coordinate per cell, d_phi = max_c relu(z_c(s) - z_c(g)),
+    each pair of the data pushed on its goal's coordinate, each coordinate held on each move:
+      loss = -mean_(s, g) min(z_g(s) - z_g(g), N)
+             + mu * mean_(s -> s', c) relu(z_c(s) - z_c(s') - 1)^2
+    A linear program per coordinate g, whose optimum z_g(s) - z_g(g) is d(s, g); then d_phi is
+    d too (Frechet's embedding, README). It reads the data's moves only, never BFS."""
+    (u, v), n = counts[0].nonzero().T, counts[0] + counts[1]  # moves u -> v (E,), pairs (N, N)
+    push = ((z - z.diagonal()).clamp(max=len(z)) * n).sum() / n.sum()
+    violation = ((z[u] - z[v] - 1).relu() ** 2).mean()  # over (E, k) gaps
+    return -push + mu * violation, {"push": push, "violation": violation}
+
+
 def batch_pairs(z, z2, s, s2, metric):
     """B transitions as metric_loss's pairs, z, z2 = phi(s), phi(s') (B, k): positive row-wise,
     (B,) (departure: theirs is B x B), negative (B, B); s' = s, s_i = s'_j count 0 (departure)"""
@@ -171,8 +183,7 @@ def pair_counts(data, n):
     (N, N) and pairs (s_i, s'_j) = (u, v), i != j (N, N)."""
     c, c2 = (torch.bincount(data[k], minlength=n).float() for k in ("s", "s2"))
     e = torch.bincount(data["s"] * n + data["s2"], minlength=n * n).float().view(n, n)
-    other = 1 - torch.eye(n, device=e.device)
-    return e * other, (c[:, None] * c2[None, :] - e) * other
+    return e.fill_diagonal_(0), (c[:, None] * c2[None, :] - e).fill_diagonal_(0)  # u != v
 
 
 def with_super_state(data, args, n):
@@ -190,18 +201,19 @@ def embed(critic, x, args):
 # ======================================= 3. value (Sec. 3.1) and advantage (Sec. 3.3)
 def latent_distance(z, zg, metric="euclidean"):
     """d_phi(s, g), row-wise: (..., k), (..., k) -> (...). euclidean: the paper's; quasimetric
-    (Liu et al. 2023): Euclidean on half the coordinates + max_i relu(phi_i(s) - phi_i(g))."""
+    (Liu et al. 2023): Euclidean on half the coordinates + max-relu, max_i relu(z_i(s) - z_i(g))."""
     if metric == "euclidean":
         return (z - zg).norm(dim=-1)
-    h = z.shape[-1] // 2
+    h = z.shape[-1] // 2 if metric == "quasimetric" else 0
     return (z[..., :h] - zg[..., :h]).norm(dim=-1) + (z[..., h:] - zg[..., h:]).relu().amax(-1)
 
 
 def pairwise(z, z2, metric="euclidean"):
-    """All pairs: (N, k), (M, k) -> (N, M), [i, j] = d_phi(z_i, z2_j)."""
+    """All pairs: (N, k), (M, k) -> (N, M), [i, j] = d_phi(z_i, z2_j), in chunks of rows."""
     if metric == "euclidean":
         return torch.cdist(z, z2)
-    return latent_distance(z[:, None], z2[None], metric)
+    return torch.cat([latent_distance(c[:, None], z2[None], metric)
+                      for c in z.split(max(1, 2**24 // z2.numel()))])
 
 
 def value(d, gamma):
@@ -214,9 +226,7 @@ def advantage_weights(d, d2, args):
     steps (departure); exp: min(exp(beta A), w_max) (departure); linear: A (the authors' code).
     A clip that binds often ties the best moves, and then the data's counts choose (README)."""
     adv = d - d2  # (B,)
-    if args.weighting == "linear":
-        return adv
-    return torch.exp(args.beta * adv).clamp(max=args.w_max)
+    return adv if args.weighting == "linear" else torch.exp(args.beta * adv).clamp(max=args.w_max)
 
 
 # ================================================================ 4. actor (Sec. 3.3)
@@ -259,6 +269,7 @@ def sample(data, n, goals, args):
 # ========================= 5. baselines: the same data and actor, another critic or none
 TARGET_RATE = 0.5  # td: V_target moves this share of the way to V after each step (tuned)
 DUAL_RATE = 10.0  # --objective constrained: mu grows by this times the mean violation
+EXACT_DUAL, EXACT_ADAM = 1e4, {"lr": 0.2, "betas": (0.5, 0.9)}  # --critic exact (README)
 
 
 def td_loss(v, v_target, x, s, s2, g, args):
@@ -275,29 +286,32 @@ def td_loss(v, v_target, x, s, s2, g, args):
 
 # ========================================================== 6. training (Algorithm 1)
 def critic_step(critic, x, data, counts, args, memory):
-    """One critic step: (loss, info, dist(s, g) -> (B,) distances for the actor, or None).
-    memory: what a critic keeps between steps, td's V_target and constrained's mu."""
+    """A critic step: loss, info, dist(s, g) (B,) for the actor or None; memory: V_target, mu."""
     if args.algo == "gcbc" or args.critic == "bfs":
         return torch.zeros((), device=x.device), {}, None if critic is None else (
             lambda s, g: critic.weight[s, g])
     if args.algo == "td":
+        with torch.no_grad():  # V_target moves TARGET_RATE of the way to V after each step
+            for p_target, p in zip(memory["target"].parameters(), critic.parameters()):
+                p_target.lerp_(p, TARGET_RATE)
         s, _, s2, g = sample(data, args.actor_batch, "mixed", args)  # (B_actor,)
         loss = td_loss(critic, memory["target"], x, s, s2, g, args)
         return loss, {"td_loss": loss, "critic_loss": loss}, lambda s, g: torch.log(
             critic(x, s, g)[:, 0].clamp(1e-6, 1)) / math.log(args.gamma)  # log_gamma V
     z = embed(critic, x, args)  # (N, k): phi of every cell once, a batch gathers rows (departure)
-    if args.batch_size > 0:
+    if args.critic == "exact":
+        loss, info = exact_loss(z, counts, memory["mu"])
+    elif args.batch_size > 0:
         s, _, s2, _ = sample(data, args.batch_size, None, args)  # (B,)
-        pairs = batch_pairs(z[s], z[s2], s, s2, args.metric)
+        loss, info = metric_loss(*batch_pairs(z[s], z[s2], s, s2, args.metric), args, memory["mu"])
     else:
         d = pairwise(z, z, args.metric)  # (N, N)
-        pairs = (d, counts[0], d, counts[1])
-    loss, info = metric_loss(*pairs, args, memory["mu"])
-    if args.objective == "constrained":
-        memory["mu"] = (memory["mu"] + DUAL_RATE * info["violation"].detach()).clamp(max=1e4)
-    zd = z.detach()
-    return loss, {**info, "critic_loss": loss}, lambda s, g: latent_distance(
-        zd[s], zd[g], args.metric)
+        loss, info = metric_loss(d, counts[0], d, counts[1], args, memory["mu"])
+    if "violation" in info:  # the constrained objectives: mu rises with the violation
+        rate, most = (EXACT_DUAL, 1e6) if args.critic == "exact" else (DUAL_RATE, 1e4)
+        memory["mu"] = (memory["mu"] + rate * info["violation"].detach()).clamp(max=most)
+    zd, metric = z.detach(), "max-relu" if args.critic == "exact" else args.metric
+    return loss, {**info, "critic_loss": loss}, lambda s, g: latent_distance(zd[s], zd[g], metric)
 
 
 def actor_budget(n):
@@ -309,12 +323,13 @@ def train(data, x, critic, actor, args, evaluate, log):
     """Algorithm 1: the critic alone for a `critic_only` share of the steps, then both in one
     backward pass (gcbc, --critic bfs: the actor only); log(losses, evaluate()) every eval_every
     steps, log(losses) after 30 s without one."""
-    opt = torch.optim.Adam([{"params": critic.parameters() if critic else []},
-                            {"params": actor.parameters()}], lr=args.lr, fused=True)
-    actor_from = (0 if args.algo == "gcbc" or args.critic == "bfs" else
-                  int(args.critic_only * args.steps))
-    decay = torch.optim.lr_scheduler.LambdaLR(opt, [  # the actor's falls to 0 (departure)
-        lambda k: 1.0, lambda k: min(1.0, (args.steps - k) / max(1, args.steps - actor_from))])
+    exact = args.critic == "exact"  # its own Adam settings (EXACT_ADAM)
+    opt = torch.optim.Adam([{"params": critic.parameters() if critic else [], **(
+        EXACT_ADAM if exact else {})}, {"params": actor.parameters()}], lr=args.lr, fused=True)
+    actor_from = 0 if critic is None or args.critic == "bfs" else int(args.critic_only * args.steps)
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, [  # the actor's lr falls to 0 (departure),
+        lambda k: 1 - k / args.steps if exact else 1.0,  # and exact's critic's
+        lambda k: min(1.0, (args.steps - k) / max(1, args.steps - actor_from))])
     memory = {"target": copy.deepcopy(critic) if args.algo == "td" else None,
               "mu": torch.ones((), device=x.device)}
     goals = {"auto": "hindsight" if args.algo == "gcbc" else "uniform"}.get(args.goals, args.goals)
@@ -336,42 +351,37 @@ def train(data, x, critic, actor, args, evaluate, log):
         loss.backward()
         opt.step()
         decay.step()
-        if memory["target"] is not None:
-            with torch.no_grad():
-                for p_target, p in zip(memory["target"].parameters(), critic.parameters()):
-                    p_target.lerp_(p, TARGET_RATE)
         for k, v in info.items():  # summed on the device: no host sync per step
             sums[k] = (sums.get(k, (0, 0))[0] + v.detach(), sums.get(k, (0, 0))[1] + 1)
         scored = step % args.eval_every == 0 or step == args.steps
         if scored or time.time() - tick > 30:  # a progress line at least every 30 s
             row = {"step": step, **{k: v.item() / n for k, (v, n) in sums.items()},
                    "steps_per_s": (step - last) / max(time.time() - tick, 1e-6)}
-            for k in sums:
-                if not math.isfinite(row[k]):
-                    raise FloatingPointError(f"training diverged: at step {step} the {k} is "
-                                             f"{row[k]}; try a smaller --lr")
+            if bad := [k for k in sums if not math.isfinite(row[k])]:
+                raise FloatingPointError(f"training diverged: at step {step} the {bad[0]} is "
+                                         f"{row[bad[0]]}; try a smaller --lr")
             log({**row, **(evaluate() if scored else {})})
             sums, tick, last = {}, time.time(), step
 
 
 # ========================================================= 7. evaluation (exact, BFS)
 METRICS = ("success_rate", "path_ratio", "optimal_action_rate", "value_greedy_rate",
-           "critic_success_rate", "spearman", "monotonicity")
+           "critic_success_rate", "spearman", "monotonicity", "distance_error",
+           "distance_error_max")
 
 
 def ground_truth(env, device):
     """The BFS truth as tensors: nxt (N, 4), d (N, N), opt (N, N, 4)."""
-    return {"nxt": torch.as_tensor(np.array(env.transitions()), device=device),
-            "d": torch.as_tensor(np.array(env.distance_matrix()), device=device).long(),
-            "opt": torch.as_tensor(np.array(env.optimal_actions()), device=device)}
+    return {k: torch.as_tensor(np.array(f()), device=device) for k, f in (
+        ("nxt", env.transitions), ("d", env.distance_matrix), ("opt", env.optimal_actions))}
 
 
 @torch.no_grad()
 def pair_table(net, x, chunk=1 << 16):
     """A PairNet on every pair (s, g), in chunks: (N, N, outputs)."""
     n = len(x)
-    pairs = torch.arange(n * n, device=x.device)
-    return torch.cat([net(x, p // n, p % n) for p in pairs.split(chunk)]).view(n, n, -1)
+    return torch.cat([net(x, p // n, p % n) for p in torch.arange(
+        n * n, device=x.device).split(chunk)]).view(n, n, -1)
 
 
 @torch.no_grad()
@@ -381,21 +391,18 @@ def critic_distances(critic, x, args):
         return critic.weight
     if args.algo == "metricrl":
         z = embed(critic, x, args)[:len(x)]  # (N, k), without the super-state
-        return pairwise(z, z, args.metric)
+        return pairwise(z, z, "max-relu" if args.critic == "exact" else args.metric)
     if args.algo == "td":
         return torch.log(pair_table(critic, x)[..., 0].clamp(1e-6, 1)) / math.log(args.gamma)
 
 
 def rollout(table, nxt, limit, slip=0.0, seed=0):
-    """All pairs (s, g) at once, by look-ups in the action table (N, N) -> reached, steps (N, N).
-    A pair back at the cell it saved at step 1, 2, 4, 8, ... loops forever (Brent): it stops.
-    slip > 0: each move slips to another direction with that probability (seeded)."""
-    gen = torch.Generator(device=table.device).manual_seed(seed)
-    n = len(table)
+    """All pairs (s, g) at once, by look-ups in the action table (N, N) -> reached, steps (N, N);
+    back at the cell saved at step 1, 2, 4, ..., a pair loops (Brent): it stops. Seeded slips."""
+    gen, n = torch.Generator(device=table.device).manual_seed(seed), len(table)
     pair = torch.arange(n * n, device=table.device)
     pos, goal = pair // n, pair % n  # (P,) flat pairs, P = N^2
-    steps = torch.zeros(n * n, dtype=torch.long, device=table.device)
-    saved = pos.clone()
+    steps, saved = torch.zeros_like(pair), pos.clone()
     live = pair[pos != goal]  # (L,) pairs on their way
     for t in range(1, limit + 1):
         if len(live) == 0:
@@ -413,17 +420,12 @@ def rollout(table, nxt, limit, slip=0.0, seed=0):
     return (pos == goal).view(n, n), steps.view(n, n)
 
 
-def ranks(x):
-    """Ranks of a 1-D tensor, ties sharing their average rank (for Spearman)."""
-    _, inverse, counts = torch.unique(x, return_inverse=True, return_counts=True)
-    return (torch.cumsum(counts, 0) - (counts - 1) / 2)[inverse].double()
-
-
 def spearman(x, y):
-    """Spearman rank correlation: Pearson correlation of the ranks."""
-    rx, ry = ranks(x), ranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    return ((rx * ry).sum() / (rx.norm() * ry.norm())).item()
+    """Spearman rank correlation: Pearson correlation of the ranks (ties: their mean rank)."""
+    r = [(c.cumsum(0) - (c - 1) / 2)[i].double() for _, i, c in (
+        torch.unique(v, return_inverse=True, return_counts=True) for v in (x, y))]
+    r = [v - v.mean() for v in r]
+    return ((r[0] * r[1]).sum() / (r[0].norm() * r[1].norm())).item()
 
 
 def monotonicity(dz, d, triplets=200_000, seed=0):
@@ -453,11 +455,12 @@ def evaluate(dz, actor, x, truth, slip=0.0, limit=LIMIT):
     if dz is None:
         return {**metrics, **{k: math.nan for k in METRICS[3:]}}
     greedy = dz[nxt].argmin(dim=1)  # (N, N): dz[nxt] is (N, 4, N)
+    error = (dz[pairs] - d[pairs]).abs()  # |d_phi(s, g) - d(s, g)|, exact: 0
     return {**metrics, "value_greedy_rate": on_path(greedy),
             "critic_success_rate": rollout(greedy, nxt, limit, slip=slip)[0][pairs]
-            .double().mean().item(),
-            "spearman": spearman(dz[pairs], d[pairs].double()),
-            "monotonicity": monotonicity(dz, d)}
+            .double().mean().item(), "spearman": spearman(dz[pairs], d[pairs].double()),
+            "monotonicity": monotonicity(dz, d), "distance_error": error.mean().item(),
+            "distance_error_max": error.max().item()}
 
 
 # ============ THE TOOLING: a run end to end, its figure and files, the command line, sweeps
@@ -474,8 +477,7 @@ def say(*lines):
 
 def run(args):
     """One run, Algorithm 1: data -> critic and actor (or --load's) -> exact evaluation -> files."""
-    start = time.time()
-    env, args, device, agent = setup(args)  # (--load: the checkpoint's flags)
+    start, (env, args, device, agent) = time.time(), setup(args)  # --load: the checkpoint's flags
     out = args.out or (os.path.dirname(args.load) or "." if args.load else
                        os.path.join("runs", run_name(args)))
     with staged(out, ("metrics.json", "log.csv", "model.pt", "metricrl.png")) as tmp:
@@ -521,8 +523,9 @@ def report(row, args):
         return args.quiet or say(row)
     text = [f"step {row['step']:6d}/{args.steps}", *(f"{k[:-5]} {row[k]:7.3f}" for k in (
         "critic_loss", "actor_loss") if k in row), f"{row['steps_per_s']:5.0f} steps/s |", *(
-        f"{k} {row[m]:.3f}" for k, m in (("success", "success_rate"), ("critic success", "critic_"
-        "success_rate"), ("monotonicity", "monotonicity")) if not math.isnan(row.get(m, math.nan)))]
+        f"{k} {row[m]:.3f}" for k, m in (("success", "success_rate"), ("critic success",
+        "critic_success_rate"), ("|d_phi - d|", "distance_error"), ("max", "distance_error_max"))
+        if not math.isnan(row.get(m, math.nan)))]
     left = (args.steps - row["step"]) / row["steps_per_s"] / 60
     say("  ".join(text).rstrip(" |") + f" | about {left:.1f} min left" * (left > 1))
 
@@ -575,8 +578,8 @@ def plot_run(path, env, args, x, critic, actor, data, truth, history, metrics):
     top[2].quiver(env.cells[:, 1], env.cells[:, 0], move[:, 1], move[:, 0], angles="xy",
                   scale_units="xy", scale=1.6, width=0.006 * small, color="k")
     top[2].plot(*env.cells[fails].T[::-1], "x", color="red", ms=9 * small, mew=2 * small)
-    z = embed(critic, x, args)[:len(x)].cpu().numpy() if (args.algo, args.critic) == (
-        "metricrl", "paper") else None
+    z = embed(critic, x, args)[:len(x)].cpu().numpy() if args.algo == "metricrl" and (
+        args.critic != "bfs") else None
     plot_learning(fig, bottom, env, args, d, dz, z, goal, to_goal, history)
     critic = "" if dz is None else (f", critic success {metrics['critic_success_rate']:.3f}, "
                                     f"monotonicity {metrics['monotonicity']:.3f}")
@@ -611,9 +614,9 @@ def plot_learning(fig, axes, env, args, d, dz, z, goal, to_goal, history):
     a_d.fill_between(dist, q[:, 0], q[:, 2], alpha=0.3, label="10–90% of pairs")
     a_d.plot(dist, q[:, 1], label="median")
     a_d.plot(dist, dist, "k--", lw=1, label="learned = true")
-    a_d.set(title="Learned vs true distance, all pairs", xlabel="true distance d(s, g) (BFS)",
-            ylabel="BFS d(s, g), the oracle" if args.critic == "bfs" else "learned " + (
-                "d_φ(s, g)" if z is not None else "log_γ V(s, g)"))
+    a_d.set(title=f"Learned vs true distance (mean |error| {abs(learned - true).mean():.2f})",
+            xlabel="true distance d(s, g) (BFS)", ylabel="BFS d(s, g), the oracle" if args.critic ==
+            "bfs" else "learned " + ("log_γ V(s, g)" if args.algo == "td" else "d_φ(s, g)"))
     a_d.legend()
     if z is None:
         return show_map(fig, a_z, env, None, "no embedding φ")
@@ -645,8 +648,8 @@ def staged(out, names):
 
 
 class Agent:
-    """A trained policy from a model.pt, Agent(path, device): act(states, goals), (B, 2) int
-    (row, col) each, or one (2,) -> (B,) greedy actions; and its env, args, networks, history."""
+    """A trained policy, Agent(model.pt, device): act(states, goals) with (B, 2) or (2,) int
+    (row, col) -> (B,) greedy actions; its env, args, networks, history."""
 
     def __init__(self, path, device="cpu"):
         ckpt = dict(torch.load(path, map_location=device, weights_only=True))
@@ -671,13 +674,12 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser("metricrl.py", description=__doc__.split("\n")[0],
                                      argument_default=argparse.SUPPRESS)
     parser.print_usage = lambda file=None: None  # a bad flag: one line, exit 2, no usage dump
-    for f in dataclasses.fields(Args):
-        flag, kind = "--" + f.name.replace("_", "-"), type(f.default)
-        if kind is bool:
-            parser.add_argument(flag, action="store_true", help=helps[f.name])
-        else:
-            parser.add_argument(flag, type=kind, choices=typing.get_args(f.type) or None,
-                                help=helps[f.name] + f" (default: {f.default})" * (f.default != ""))
+    for f in dataclasses.fields(Args):  # a bool knob is a switch
+        kind = type(f.default)
+        parser.add_argument("--" + f.name.replace("_", "-"), help=helps[f.name] + f" (default: "
+                            f"{f.default})" * (kind is not bool and f.default != ""), **(
+            {"action": "store_true"} if kind is bool else
+            {"type": kind, "choices": typing.get_args(f.type) or None}))
     given = vars(parser.parse_args(argv))
     return Args(**given), set(given)
 
@@ -696,9 +698,8 @@ def check_args(args, given=frozenset()):
             ("expectile", lambda v: 0 < v < 1, "in (0, 1)"),
             (ints, lambda v: v < 2**31, "below 2^31"), (floats, math.isfinite, "finite")]:
         for name in names.split():
-            if not ok(getattr(args, name)):
-                raise UsageError(f"--{name.replace('_', '-')} must be {what}, got "
-                                 f"{getattr(args, name)!r}")
+            if not ok(v := getattr(args, name)):
+                raise UsageError(f"--{name.replace('_', '-')} must be {what}, got {v!r}")
     one, two, *_ = [m for m in ("compare", "assumptions", "load") if getattr(args, m)] + ["", ""]
     ignored = (sorted(given - {"load", "out", "device", "quiet"}) if args.load else []) + [""]
     for bad, message in (
@@ -711,15 +712,17 @@ def check_args(args, given=frozenset()):
             (args.algo != "metricrl" and (args.super_state, args.objective, args.metric,
              args.critic) != (False, "paper", "euclidean", "paper"), "--super-state, --objective, "
              "--metric and --critic are MetricRL's: use --algo metricrl"),
-            (args.objective == "constrained" and args.batch_size > 0, "--objective constrained "
-             "uses the whole dataset: --batch-size 0")):
+            (args.critic == "exact" and (args.metric, args.objective, args.latent) != (
+             Args.metric, Args.objective, Args.latent), "--critic exact has its own geometry (k ="
+             " N) and objective: drop --metric, --objective, --latent"),
+            (args.batch_size > 0 and (args.objective == "constrained" or args.critic == "exact"),
+             "--objective constrained and --critic exact use all the data: --batch-size 0")):
         if bad:
             raise UsageError(message)
 
 
 def setup(args):
-    """The device, --load's checkpoint and the map, once the memory the run needs fits in this
-    machine (an estimate, before BFS: the truth and the evaluation take ~250 bytes a pair)."""
+    """The device, --load's checkpoint and the map, once the run's memory fits (an estimate)."""
     cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if args.device not in ("auto", "cpu", *(f"cuda:{i}" for i in range(cuda)), *["cuda"][:cuda]):
         raise UsageError(f"--device {args.device}: here auto, cpu" + (
@@ -738,10 +741,9 @@ def setup(args):
         env = agent.env if agent else gridworld.GridWorld(args.env)
     except (ValueError, TypeError) as e:
         raise UsageError(f"--env: {e}") from None
-    n, h, f = len(env.cells), args.hidden, len(env.cells) if args.features == "onehot" else 2
-    need = 250 * n * n + 100 * (args.episodes or 200 * math.ceil(n / 128)) * args.episode_len + (
-        16 * (5 * f * h + 3 * h * h)) + 32 * (  # bytes: truth, data, Adam, batches
-        (args.actor_batch or actor_budget(n)) * h + args.batch_size ** 2)
+    n, h, b = len(env.cells), args.hidden, args.actor_batch or actor_budget(len(env.cells))
+    need = 250 * n * n + 100 * args.episode_len * (args.episodes or 200 * math.ceil(n / 128)) + (
+        16 * (5 * n * h + 3 * h * h) + 32 * (b * h + args.batch_size ** 2))  # bytes
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if os.name == "posix" else 0
     if need > 0.8 * have > 0:
         raise UsageError(f"--env {args.env} with these flags needs about {need / 2**30:.1f} GB "
@@ -765,7 +767,7 @@ def run_name(args, base=None):
 # -------------------------------------------------- sweeps: --compare and --assumptions
 VARIANTS = {"metricrl": {}, "metricrl-linear": {"weighting": "linear"}, "gcbc": {"algo": "gcbc"},
             "td": {"algo": "td"}, **{f"metricrl-{n}": {"negative": n} for n in NEGATIVES[1:]},
-            "metricrl-bfs": {"critic": "bfs"}}
+            "metricrl-bfs": {"critic": "bfs"}, "metricrl-exact": {"critic": "exact"}}
 ASSUMPTIONS = [  # ((experiment, map, variant), flags)
     *[(("invertible actions", env, name), {"env": env, **flags}) for env in ("oneway", "maze")
       for name, flags in (("euclidean", {}), ("quasimetric", {"metric": "quasimetric"}))],
@@ -777,7 +779,7 @@ ASSUMPTIONS = [  # ((experiment, map, variant), flags)
       "oneway", "maze25") for name, flags in (("paper's loss", {}), ("constrained", {
           "objective": "constrained", "metric": "quasimetric"}))]]
 SWEEPS = {  # name: (label columns, metric columns, the knobs a row sets: defaults if unset)
-    "compare": (("env", "method", "ε"), (*METRICS[:3], METRICS[4], "seconds"),
+    "compare": (("env", "method", "ε"), (*METRICS[:3], METRICS[4], METRICS[7], "seconds"),
                 ("env", "algo", "weighting", "negative", "critic", "epsilon")),
     "assumptions": (("experiment", "map", "variant"), METRICS[:6], ("env", "algo",
                     "weighting", "negative", "metric", "objective", "slip", "data", "super_state"))}
@@ -801,8 +803,7 @@ def compare_rows(args):
 
 
 def sweep(args):
-    """--compare or --assumptions: each row for --seeds seeds, a run each in its own folder (not
-    run again if its metrics.json has the same flags: resumable), then <name>.md and .png."""
+    """--compare or --assumptions: --seeds runs a row, each in a folder (resumable: finished())."""
     name = "compare" if args.compare else "assumptions"
     labels, columns, knobs = SWEEPS[name]
     rows = compare_rows(args) if args.compare else ASSUMPTIONS
@@ -855,8 +856,7 @@ def finished(cell):
 
 def mean_std(values):
     """Mean and std over seeds, runs without the value (nan) left out."""
-    v = np.array(values, dtype=float)
-    v = v[~np.isnan(v)]
+    v = np.array([x for x in values if not math.isnan(x)])
     return (v.mean(), v.std()) if len(v) else (math.nan, math.nan)
 
 

@@ -502,8 +502,8 @@ def test_spearman_and_monotonicity_of_the_truth_are_one():
     assert metricrl.spearman(d[pairs].double(), d[pairs].double()) == pytest.approx(1.0)
     assert metricrl.monotonicity(d.double(), d) == 1.0
     assert metricrl.monotonicity(-d.double(), d) == 0.0
-    x = torch.tensor([1.0, 2.0, 2.0, 3.0])
-    assert metricrl.ranks(x).tolist() == [1.0, 2.5, 2.5, 4.0]
+    x, y = torch.tensor([1.0, 2.0, 2.0, 3.0]), torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert metricrl.spearman(x, y) == pytest.approx(0.9 ** 0.5)  # ties share rank 2.5
 
 
 def test_end_to_end_outputs_reload_and_same_seed(tmp_path):
@@ -563,6 +563,9 @@ def test_metrics_json_holds_the_training_speed(tmp_path):
     (["--slip", "2"], "--slip must be in [0, 1], got 2.0"),
     (["--algo", "td", "--metric", "quasimetric"], "--metric and --critic are MetricRL's"),
     (["--algo", "gcbc", "--critic", "bfs"], "--critic are MetricRL's: use --algo metricrl"),
+    (["--critic", "exact", "--metric", "quasimetric"], "--critic exact has its own geometry"),
+    (["--critic", "exact", "--latent", "8"], "drop --metric, --objective, --latent"),
+    (["--critic", "exact", "--batch-size", "64"], "use all the data: --batch-size 0"),
     (["--compare", "--envs", "maze,castle"], "unknown layout 'castle'"),
     (["--algo", "td", "--gamma", "1"], "td (--algo td, or in --algos) needs --gamma below 1"),
     (["--steps", "many"], "invalid int value"),
@@ -736,7 +739,7 @@ def test_compare_writes_table_and_figure_and_resumes(tmp_path, capsys):
     rows = [line for line in table.splitlines() if line.startswith("| room")]
     assert len(rows) == 4 and all(re.search(r"\| [01]\.\d{3} \|", row) for row in rows)
     assert "±" not in table  # one seed: no spread to show
-    assert sum(row.count("—") for row in rows) == 2  # gcbc has no critic: 2 empty cells
+    assert sum(row.count("—") for row in rows) == 4  # gcbc has no critic: 2 rows x 2 columns
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0
     first = {p: p.stat().st_mtime_ns for p in (tmp_path / "cmp").glob("*/metrics.json")}
     assert len(first) == 4
@@ -754,7 +757,7 @@ def test_readme_exercises_run_as_written(tmp_path):
     section = text.split("## Exercises")[1].split("\n## ")[0]
     commands = [line.strip() for line in section.splitlines()
                 if line.strip().startswith("python metricrl.py ")]
-    assert 6 <= len(re.findall(r"^\d\. \*\*", section, re.M)) <= 9 and len(commands) >= 8
+    assert 6 <= len(re.findall(r"^\d+\. \*\*", section, re.M)) <= 10 and len(commands) >= 8
     for i, command in enumerate(commands):
         argv = shlex.split(command)[2:]
         metrics = metricrl.main([*argv, "--steps", "30", "--eval-every", "30", "--quiet",
@@ -849,6 +852,54 @@ def test_constrained_objective_approaches_bfs_with_a_one_way_cell():
     assert (dz - d).abs().mean() < 0.1 and (dz - d).abs().max() < 0.6
     assert dz[0, 2] < dz[2, 0] - 3  # the long way back (2 against 6) is learned
     assert metricrl.spearman(dz[d > 0], d[d > 0].double()) > 0.95
+
+
+def exact_distances(layout, seed=0, steps=600):
+    """--critic exact's distances (critic only) and BFS's; after the data is collected, the map's
+    BFS answers raise: the critic learns from the data's moves alone."""
+    env = GridWorld(layout)
+    args = Args(critic="exact", episodes=40, episode_len=30, steps=steps, critic_only=0.99,
+                eval_every=steps, hidden=16)
+    torch.manual_seed(seed)
+    data = metricrl.collect_dataset(env, args, np.random.default_rng(seed))
+    d = torch.as_tensor(np.array(env.distance_matrix())).float()
+    x, critic, actor = metricrl.build(env, args, "cpu")
+    for name in ("distance_matrix", "optimal_actions", "transitions"):
+        setattr(env, name, lambda: pytest.fail("the critic read the BFS truth"))
+    metricrl.train(data, x, critic, actor, args, dict, lambda row: None)
+    return metricrl.critic_distances(critic, x, args), d
+
+
+@pytest.mark.parametrize("layout", [RING, "#####\n#...#\n#...#\n#####", ONE_WAY_RING])
+def test_exact_critic_learns_bfs_distances(layout):
+    """On a ring, a room and a ring with a one-way cell: within 0.1 of BFS on every pair."""
+    dz, d = exact_distances(layout)
+    assert (dz - d).abs().max() < 0.1
+
+
+def test_exact_critic_is_a_quasimetric_one_coordinate_per_cell():
+    """d_phi = max_c relu(z_c(s) - z_c(g)) on k = N coordinates: 0 on the diagonal, the triangle
+    inequality for any z, and the long way back round the one-way ring."""
+    dz, d = exact_distances(ONE_WAY_RING, steps=300)
+    assert dz.shape == d.shape and (dz.diagonal() == 0).all()
+    z = torch.randn(6, 6)
+    t = metricrl.pairwise(z, z, "max-relu")
+    assert (t[:, :, None] <= t[:, None, :] + t.T[None, :, :] + 1e-6).all()  # d(a,c) <= d(a,b)+d(b,c)
+    assert dz[0, 2] < dz[2, 0] - 3  # 2 steps one way, 6 back
+
+
+def test_distance_error_is_zero_for_the_bfs_table_and_measures_an_offset():
+    env = GridWorld("rooms")
+    t = truth(env)
+    x = metricrl.build(env, Args(), "cpu")[0]
+    d = t["d"].float()
+    exact = metricrl.evaluate(d, TableActor(t["opt"].float()), x, t)
+    assert exact["distance_error"] == 0 and exact["distance_error_max"] == 0
+    off = d + 0.25 * (d > 0)  # every pair a quarter step too far: the same greedy policy
+    off[0, 1] += 2  # one pair far off
+    off = metricrl.evaluate(off, TableActor(t["opt"].float()), x, t)
+    n = (d > 0).sum().item()
+    assert off["distance_error"] == pytest.approx(0.25 + 2 / n) and off["distance_error_max"] == 2.25
 
 
 def test_assumptions_writes_every_row_and_resumes(tmp_path, capsys):

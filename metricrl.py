@@ -43,7 +43,7 @@ class Args:  # each knob's comment is its --help text
     super_state: bool = False  # join every trajectory's end to one virtual state
     latent: int = 32  # k, the size of the embedding phi(s)
     hidden: int = 128  # width of the hidden layers of phi and pi
-    critic: typing.Literal["paper", "exact", "bfs"] = "paper"  # exact: exact_loss(); bfs: an oracle
+    critic: typing.Literal["paper", "exact", "bfs"] = "paper"  # exact: learns d; bfs: an oracle
     lam: float = 1.0  # lambda, weight of the negative (push) term
     metric: typing.Literal["euclidean", "quasimetric"] = "euclidean"  # d_phi, or asymmetric
     objective: typing.Literal["paper", "constrained"] = "paper"  # constrained: d(s, s') <= 1
@@ -58,13 +58,13 @@ class Args:  # each knob's comment is its --help text
     critic_only: float = 0.2  # share of the steps that train the critic alone (not gcbc)
     batch_size: int = 0  # critic batch: 0, the whole dataset; B > 0, B transitions
     actor_batch: int = 0  # (transition, goal) samples per actor step; 0: max(1024, N^2 / 32)
-    lr: float = 3e-3  # Adam learning rate (the actor's falls linearly to 0)
+    lr: float = 3e-3  # Adam learning rate (the actor's falls linearly to 0; exact's critic: 0.2)
     eval_every: int = 500  # exact evaluation every this many steps
     out: str = ""  # output folder (default: runs/<map>-<algo>-<knobs changed>-s<seed>)
     load: str = ""  # re-evaluate this model.pt, write the run's files beside it (or in --out)
     quiet: bool = False  # no progress lines
     compare: bool = False  # run methods x data qualities, write compare.md and compare.png
-    algos: str = "metricrl,metricrl-linear,gcbc,td"  # or metricrl-exact, -bfs, -inverse, -raw
+    algos: str = "metricrl,metricrl-linear,gcbc,td"  # --compare: + metricrl-exact/bfs/inverse/raw
     epsilons: str = "0,0.25,0.5,0.75,1"  # --compare: behaviour epsilons
     envs: str = ""  # --compare: maps (default: --env)
     assumptions: bool = False  # runs where each assumption breaks: assumptions.md, .png
@@ -165,8 +165,8 @@ def exact_loss(z, counts, mu):
     A linear program per coordinate g, whose optimum z_g(s) - z_g(g) is d(s, g); then d_phi is
     d too (Frechet's embedding, README). It reads the data's moves only, never BFS."""
     (u, v), n = counts[0].nonzero().T, counts[0] + counts[1]  # moves u -> v (E,), pairs (N, N)
-    push = ((z - z.diagonal()).clamp(max=len(z)) * n).sum() / n.sum()
-    violation = ((z[u] - z[v] - 1).relu() ** 2).mean()  # over (E, k) gaps
+    push = ((z - z.diagonal()).clamp(max=len(z)) * n).sum() / n.sum().clamp(min=1)
+    violation = ((z[u] - z[v] - 1).relu() ** 2).sum() / max(1, u.numel() * z.shape[1])  # (E, k)
     return -push + mu * violation, {"push": push, "violation": violation}
 
 
@@ -201,7 +201,8 @@ def embed(critic, x, args):
 # ======================================= 3. value (Sec. 3.1) and advantage (Sec. 3.3)
 def latent_distance(z, zg, metric="euclidean"):
     """d_phi(s, g), row-wise: (..., k), (..., k) -> (...). euclidean: the paper's; quasimetric
-    (Liu et al. 2023): Euclidean on half the coordinates + max-relu, max_i relu(z_i(s) - z_i(g))."""
+    (Liu et al. 2023): Euclidean on half the coordinates + max-relu; "max-relu": max_i relu(z_i(s)
+    - z_i(g)) alone (--critic exact)."""
     if metric == "euclidean":
         return (z - zg).norm(dim=-1)
     h = z.shape[-1] // 2 if metric == "quasimetric" else 0
@@ -269,7 +270,7 @@ def sample(data, n, goals, args):
 # ========================= 5. baselines: the same data and actor, another critic or none
 TARGET_RATE = 0.5  # td: V_target moves this share of the way to V after each step (tuned)
 DUAL_RATE = 10.0  # --objective constrained: mu grows by this times the mean violation
-EXACT_DUAL, EXACT_ADAM = 1e4, {"lr": 0.2, "betas": (0.5, 0.9)}  # --critic exact (README)
+EXACT_DUAL, CRITIC_ADAM = 1e4, {"exact": {"lr": 0.2, "betas": (0.5, 0.9)}}  # measured: README
 
 
 def td_loss(v, v_target, x, s, s2, g, args):
@@ -323,12 +324,11 @@ def train(data, x, critic, actor, args, evaluate, log):
     """Algorithm 1: the critic alone for a `critic_only` share of the steps, then both in one
     backward pass (gcbc, --critic bfs: the actor only); log(losses, evaluate()) every eval_every
     steps, log(losses) after 30 s without one."""
-    exact = args.critic == "exact"  # its own Adam settings (EXACT_ADAM)
-    opt = torch.optim.Adam([{"params": critic.parameters() if critic else [], **(
-        EXACT_ADAM if exact else {})}, {"params": actor.parameters()}], lr=args.lr, fused=True)
+    opt = torch.optim.Adam([{"params": critic.parameters() if critic else [], **CRITIC_ADAM.get(
+        args.critic, {})}, {"params": actor.parameters()}], lr=args.lr, fused=True)
     actor_from = 0 if critic is None or args.critic == "bfs" else int(args.critic_only * args.steps)
     decay = torch.optim.lr_scheduler.LambdaLR(opt, [  # the actor's lr falls to 0 (departure),
-        lambda k: 1 - k / args.steps if exact else 1.0,  # and exact's critic's
+        lambda k: 1 - k / args.steps if args.critic == "exact" else 1.0,  # and exact's critic's
         lambda k: min(1.0, (args.steps - k) / max(1, args.steps - actor_from))])
     memory = {"target": copy.deepcopy(critic) if args.algo == "td" else None,
               "mu": torch.ones((), device=x.device)}
@@ -701,20 +701,21 @@ def check_args(args, given=frozenset()):
             if not ok(v := getattr(args, name)):
                 raise UsageError(f"--{name.replace('_', '-')} must be {what}, got {v!r}")
     one, two, *_ = [m for m in ("compare", "assumptions", "load") if getattr(args, m)] + ["", ""]
-    ignored = (sorted(given - {"load", "out", "device", "quiet"}) if args.load else []) + [""]
+    ignored = min((given - {"load", "out", "device", "quiet"}) if args.load else given & set(
+        SWEEPS.get(one, ((), (), ()))[2]) - {"env" if one == "compare" else ""}, default="")
     for bad, message in (
             (two == "load", f"--{one} trains its own runs: drop --load"),
             (two, f"--{one} and --{two} are two modes: use one"),
-            (ignored[0], f"--{ignored[0].replace('_', '-')}: --load runs a checkpoint with the "
-             f"flags it was trained with"),
+            (ignored, f"--{ignored.replace('_', '-')}: " + ("--load runs a checkpoint with "
+             "the flags it was trained with" if args.load else f"--{one} sets it in each row")),
             (args.algo == "td" and args.gamma == 1, "td (--algo td, or in --algos) needs --gamma "
              "below 1 (its distance is log_gamma V)"),
             (args.algo != "metricrl" and (args.super_state, args.objective, args.metric,
              args.critic) != (False, "paper", "euclidean", "paper"), "--super-state, --objective, "
              "--metric and --critic are MetricRL's: use --algo metricrl"),
-            (args.critic == "exact" and (args.metric, args.objective, args.latent) != (
-             Args.metric, Args.objective, Args.latent), "--critic exact has its own geometry (k ="
-             " N) and objective: drop --metric, --objective, --latent"),
+            (args.critic == "exact" and any(getattr(args, k) != getattr(Args, k) for k in (
+             "metric", "objective", "latent", "lam", "negative")), "--critic exact has its own "
+             "geometry (k = N) and loss: drop --metric, --objective, --latent, --lam, --negative"),
             (args.batch_size > 0 and (args.objective == "constrained" or args.critic == "exact"),
              "--objective constrained and --critic exact use all the data: --batch-size 0")):
         if bad:
@@ -781,8 +782,8 @@ ASSUMPTIONS = [  # ((experiment, map, variant), flags)
 SWEEPS = {  # name: (label columns, metric columns, the knobs a row sets: defaults if unset)
     "compare": (("env", "method", "ε"), (*METRICS[:3], METRICS[4], METRICS[7], "seconds"),
                 ("env", "algo", "weighting", "negative", "critic", "epsilon")),
-    "assumptions": (("experiment", "map", "variant"), METRICS[:6], ("env", "algo",
-                    "weighting", "negative", "metric", "objective", "slip", "data", "super_state"))}
+    "assumptions": (("experiment", "map", "variant"), METRICS[:6], ("env", "algo", "weighting",
+                    "negative", "critic", "metric", "objective", "slip", "data", "super_state"))}
 
 
 def compare_rows(args):
@@ -866,8 +867,7 @@ def sweep_plot(path, name, labels, stats):
     i = next((i for i in range(len(rows[0])) if len({r[i] for r in rows}) > 1), 0)
     at = np.arange(len(rows)) + np.cumsum([0] + [a[i] != b[i] for a, b in zip(rows, rows[1:])])
     groups = list(dict.fromkeys(row[i] for row in rows))  # by the first label that varies
-    fig = Figure(figsize=(10, 1.4 + 0.3 * at[-1]), layout="constrained")  # room for the labels
-    ax = fig.subplots()
+    ax = (fig := Figure(figsize=(10, 1.4 + 0.3 * at[-1]), layout="constrained")).subplots()
     ax.barh(at, [stats[r]["success_rate"][0] for r in rows], xerr=[stats[r]["success_rate"][1]
             for r in rows], capsize=3, ecolor="0.5", color=[f"C{groups.index(r[i])}" for r in rows])
     ax.plot([stats[r]["critic_success_rate"][0] for r in rows], at, "kD", ms=6,

@@ -564,7 +564,10 @@ def test_metrics_json_holds_the_training_speed(tmp_path):
     (["--algo", "td", "--metric", "quasimetric"], "--metric and --critic are MetricRL's"),
     (["--algo", "gcbc", "--critic", "bfs"], "--critic are MetricRL's: use --algo metricrl"),
     (["--critic", "exact", "--metric", "quasimetric"], "--critic exact has its own geometry"),
-    (["--critic", "exact", "--latent", "8"], "drop --metric, --objective, --latent"),
+    (["--critic", "exact", "--lam", "2"], "drop --metric, --objective, --latent, --lam"),
+    (["--compare", "--critic", "exact"], "--critic: --compare sets it in each row"),
+    (["--compare", "--algo", "td"], "--algo: --compare sets it in each row"),
+    (["--assumptions", "--critic", "exact"], "--critic: --assumptions sets it in each row"),
     (["--critic", "exact", "--batch-size", "64"], "use all the data: --batch-size 0"),
     (["--compare", "--envs", "maze,castle"], "unknown layout 'castle'"),
     (["--algo", "td", "--gamma", "1"], "td (--algo td, or in --algos) needs --gamma below 1"),
@@ -886,6 +889,9 @@ def test_exact_critic_is_a_quasimetric_one_coordinate_per_cell():
     t = metricrl.pairwise(z, z, "max-relu")
     assert (t[:, :, None] <= t[:, None, :] + t.T[None, :, :] + 1e-6).all()  # d(a,c) <= d(a,b)+d(b,c)
     assert dz[0, 2] < dz[2, 0] - 3  # 2 steps one way, 6 back
+    no_moves = torch.zeros(3, 3)  # data without a move between two cells: a loss, not nan
+    loss, _ = metricrl.exact_loss(torch.randn(3, 3), (no_moves, no_moves), torch.ones(()))
+    assert torch.isfinite(loss)
 
 
 def test_distance_error_is_zero_for_the_bfs_table_and_measures_an_offset():

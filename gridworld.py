@@ -38,14 +38,24 @@ import gymnasium
 import numpy as np
 
 MOVES = np.array([(-1, 0), (0, 1), (1, 0), (0, -1)])  # (d_row, d_col): up, right, down, left
-WALL, FREE = "#", "."  # map characters, and one-way cells, left only by their action:
-ONE_WAY = {"^": 0, ">": 1, "v": 2, "<": 3}
-CELL_CHARS = {WALL: "wall", FREE: "free cell",
-              **{ch: f"one-way cell (left only by action {a})" for ch, a in ONE_WAY.items()}}
+WALL, FREE = "#", "."  # map characters
+ONE_WAY = {"^": 0, ">": 1, "v": 2, "<": 3}  # one-way cells, left only by this action
+ONE_WAY_NAMES = {char: f"one-way cell (left only by action {a})" for char, a in ONE_WAY.items()}
+CELL_CHARS = {WALL: "wall", FREE: "free cell", **ONE_WAY_NAMES}  # for error messages
 
-LAYOUTS = {
+LAYOUTS = {  # the named maps, as ASCII rows
     # An empty room: 8 x 8 free cells, diameter 14.
-    "open": "\n".join(["#" * 10, *["#" + "." * 8 + "#"] * 8, "#" * 10]),
+    "open": """
+##########
+#........#
+#........#
+#........#
+#........#
+#........#
+#........#
+#........#
+#........#
+##########""",
     # Sutton's four rooms: 104 free cells, four doorways, diameter 20.
     "rooms": """
 #############
@@ -93,44 +103,79 @@ LAYOUTS = {
 #.#####.#.#.#####.#.#
 #.........#.......#.#
 #####################""",
+    # The four rooms with one-way doors, > at the top and < at the bottom: a
+    # circulation.
+    "oneway": """
+#############
+#.....#.....#
+#.....#.....#
+#.....>.....#
+#.....#.....#
+#.....#.....#
+##.####.....#
+#.....###.###
+#.....#.....#
+#.....#.....#
+#.....<.....#
+#.....#.....#
+#############""",
 }
-# Four rooms with one-way doors, > at the top and < at the bottom: a circulation.
-LAYOUTS["oneway"] = LAYOUTS["rooms"].replace("#...........#", "#.....>.....#", 1).replace(
-    "#...........#", "#.....<.....#", 1)
 
 
 # ----------------------------------------------------------------------------- maps
+class Lcg:
+    """A 64-bit linear congruential generator (Knuth's MMIX constants): the same numbers on
+    every machine and Python, and no global RNG touched."""
+
+    def __init__(self, seed):
+        self.state = seed
+
+    def below(self, k):
+        """A number in [0, k)."""
+        self.state = (self.state * 6364136223846793005 + 1442695040888963407) % 2**64
+        return (self.state >> 33) % k
+
+
 def generate_maze(n):
     """An n x n maze (outer wall included, n odd >= 7), the same on every machine: a
-    depth-first backtracker carves a perfect maze on the odd cells, then one inner wall
-    in 25 is knocked out, for loops. Its own LCG, seeded by n: no global RNG."""
-    m, state = (n - 1) // 2, n
-
-    def below(k):  # a 64-bit linear congruential generator (Knuth's MMIX constants)
-        nonlocal state
-        state = (state * 6364136223846793005 + 1442695040888963407) % 2**64
-        return (state >> 33) % k
-
+    depth-first backtracker carves a perfect maze through m x m rooms on the odd cells, then
+    one wall in 25 between two rooms is knocked out, for loops. Seeded by n."""
+    m = (n - 1) // 2  # rooms a side: room (r, c) is cell (2r + 1, 2c + 1)
+    lcg = Lcg(n)
     grid = [[WALL] * n for _ in range(n)]
     grid[1][1] = FREE
     stack, seen = [(0, 0)], {(0, 0)}
     while stack:
         r, c = stack[-1]
-        options = [(r + dr, c + dc) for dr, dc in MOVES.tolist()
-                   if 0 <= r + dr < m and 0 <= c + dc < m and (r + dr, c + dc) not in seen]
-        if not options:
+        options = unvisited_rooms(r, c, m, seen)
+        if not options:  # a dead end: back up
             stack.pop()
             continue
-        nr, nc = options[below(len(options))]
-        grid[2 * nr + 1][2 * nc + 1] = grid[r + nr + 1][c + nc + 1] = FREE
+        nr, nc = options[lcg.below(len(options))]
+        grid[2 * nr + 1][2 * nc + 1] = FREE  # the new room
+        grid[r + nr + 1][c + nc + 1] = FREE  # the wall between the two rooms
         seen.add((nr, nc))
         stack.append((nr, nc))
-    inner_walls = [(r, c) for r in range(1, n - 1) for c in range(1, n - 1)
-                   if grid[r][c] == WALL and r % 2 != c % 2]
+    inner_walls = []
+    for r in range(1, n - 1):
+        for c in range(1, n - 1):
+            if grid[r][c] == WALL and r % 2 != c % 2:  # between two rooms
+                inner_walls.append((r, c))
     for _ in range(max(1, m * m // 25)):
-        r, c = inner_walls.pop(below(len(inner_walls)))
+        r, c = inner_walls.pop(lcg.below(len(inner_walls)))
         grid[r][c] = FREE
     return "\n".join("".join(row) for row in grid)
+
+
+def unvisited_rooms(r, c, m, seen):
+    """The rooms next to room (r, c) of m x m that are not in `seen`, in MOVES' order."""
+    options = []
+    for dr, dc in MOVES.tolist():
+        room = (r + dr, c + dc)
+        inside = 0 <= room[0] < m and 0 <= room[1] < m
+        if inside and room not in seen:
+            options.append(room)
+    return options
 
 
 def parse_layout(text):
@@ -141,10 +186,13 @@ def parse_layout(text):
             raise ValueError(f"layout rows differ in length: row {i} has {len(row)} "
                              f"characters, row 0 has {len(rows[0])}")
     grid = np.array([list(row) for row in rows])
-    for i, j in np.argwhere(~np.isin(grid, list(CELL_CHARS)))[:1]:
+    unknown = np.argwhere(~np.isin(grid, list(CELL_CHARS)))  # (K, 2)
+    if len(unknown):
+        i, j = unknown[0]
+        char = str(grid[i, j])
         known = ", ".join(f"'{k}' {v}" for k, v in CELL_CHARS.items())
-        raise ValueError(f"unknown character {str(grid[i, j])!r} at row {i}, column {j} "
-                         f"(0-based); known: {known}")
+        raise ValueError(f"unknown character {char!r} at row {i}, column {j} (0-based); "
+                         f"known: {known}")
     if (grid != WALL).sum() < 2:
         raise ValueError("layout has fewer than two free cells")
     return grid
@@ -156,25 +204,40 @@ def load_layout(spec):
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"layout must be a name, a path or map text, got {type(spec).__name__}")
     spec = os.fspath(spec)
-    if "\n" in spec or spec in LAYOUTS:
-        text = LAYOUTS.get(spec, spec)
+    if spec in LAYOUTS:
+        text = LAYOUTS[spec]
+    elif "\n" in spec:
+        text = spec
     elif re.fullmatch(r"maze\d+", spec):
-        if not (7 <= int(spec[4:]) <= 1001 and int(spec[4:]) % 2):
-            raise ValueError(f"{spec}: a generated maze needs an odd size 7 <= N <= 1001, "
-                             "e.g. maze25")
-        text = generate_maze(int(spec[4:]))
+        text = generate_maze(maze_size(spec))
     elif os.path.sep in spec or "." in spec or os.path.exists(spec):
-        try:
-            with open(spec, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            what = "not found" if isinstance(e, FileNotFoundError) else "unreadable"
-            raise ValueError(f"layout file {what}: {spec} ({type(e).__name__})") from None
+        text = read_layout_file(spec)
     else:
         raise ValueError(f"unknown layout {spec!r}; known: {', '.join(LAYOUTS)}, "
                          "maze<N> (odd N >= 7), or a path to a map file")
     grid = parse_layout(text)
     return "\n".join("".join(row) for row in grid)
+
+
+def maze_size(spec):
+    """N of `maze<N>`, checked: odd, 7 to 1001."""
+    n = int(spec[4:])
+    if n < 7 or n > 1001 or n % 2 == 0:
+        raise ValueError(f"{spec}: a generated maze needs an odd size 7 <= N <= 1001, "
+                         "e.g. maze25")
+    return n
+
+
+def read_layout_file(path):
+    """A map file's text; ValueError if it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        what = "unreadable"
+        if isinstance(e, FileNotFoundError):
+            what = "not found"
+        raise ValueError(f"layout file {what}: {path} ({type(e).__name__})") from None
 
 
 # --------------------------------------------------------------------- ground truth
@@ -191,14 +254,16 @@ def _transitions(text):
     cells = np.argwhere(free)  # (N, 2), row-major order
     index = np.full(grid.shape, -1)
     index[free] = np.arange(len(cells))
+    here = np.arange(len(cells))[:, None]  # (N, 1)
     target = cells[:, None, :] + MOVES[None, :, :]  # (N, 4, 2)
     inside = ((target >= 0) & (target < grid.shape)).all(-1)  # (N, 4)
-    target = np.where(inside[..., None], target, cells[:, None, :])  # off-map: stay
-    nxt = index[target[..., 0], target[..., 1]]  # (N, 4), -1 where a wall
-    nxt = np.where(nxt >= 0, nxt, np.arange(len(cells))[:, None])  # wall: stay
-    for ch, a in ONE_WAY.items():  # one-way cells: every other action stays
-        i = index[grid == ch]  # (K,)
-        nxt[i[:, None], np.flatnonzero(np.arange(4) != a)[None]] = i[:, None]
+    target = np.where(inside[..., None], target, cells[:, None, :])  # off the map: stay
+    nxt = index[target[..., 0], target[..., 1]]  # (N, 4), -1 into a wall
+    nxt = np.where(nxt >= 0, nxt, here)  # into a wall: stay
+    for char, action in ONE_WAY.items():  # a one-way cell: every other action stays
+        one_way = index[grid == char][:, None]  # (K, 1)
+        others = np.flatnonzero(np.arange(4) != action)[None]  # (1, 3)
+        nxt[one_way, others] = one_way
     return _frozen(cells), _frozen(index), _frozen(nxt)
 
 
@@ -231,9 +296,12 @@ def _distances(text):
 @functools.lru_cache(maxsize=4)
 def _optimal_actions(text):
     """opt[i, j, a] = action a from i lies on a shortest path to j."""
-    nxt, d = _transitions(text)[2], _distances(text)
+    _, _, nxt = _transitions(text)
+    d = _distances(text)
     after = np.moveaxis(d[nxt], 1, 2)  # (N, N, 4): d(next(i, a), j)
-    return _frozen((after == d[:, :, None] - 1) & (d[:, :, None] > 0))
+    closer = after == d[:, :, None] - 1
+    reachable = d[:, :, None] > 0
+    return _frozen(closer & reachable)
 
 
 # ---------------------------------------------------------------------- environment
@@ -286,9 +354,11 @@ class GridWorld(gymnasium.Env):
         index = np.full(len(flat), -1)
         index[inside] = self.index[flat[inside, 0], flat[inside, 1]]
         if (index < 0).any():
-            raise ValueError(f"{tuple(flat[index < 0][0].tolist())} is not a free cell of "
-                             "this map")
-        return index if a.ndim == 2 else int(index[0])
+            bad = tuple(flat[index < 0][0].tolist())
+            raise ValueError(f"{bad} is not a free cell of this map")
+        if a.ndim == 1:
+            return int(index[0])
+        return index
 
     def _obs(self):
         agent, goal = self.cells[self.agent].copy(), self.cells[self.goal].copy()
@@ -302,18 +372,28 @@ class GridWorld(gymnasium.Env):
         {"start": (r, c), "goal": (r, c)} fixes either or both."""
         super().reset(seed=seed)
         options = options or {}
-        if set(options) - {"start", "goal"} or any(np.shape(v) != (2,) for v in options.values()):
+        unknown = set(options) - {"start", "goal"}
+        if unknown or any(np.shape(v) != (2,) for v in options.values()):
             raise ValueError(f"options are 'start' and 'goal', each one (row, col); got {options}")
-        start, goal = (self.cell_indices(options[k]) if k in options else None
-                       for k in ("start", "goal"))
-        ok = self.distance_matrix() > 0  # (N, N): a path from s to g, s != g
-        if not ok[slice(None) if start is None else start,
-                  slice(None) if goal is None else goal].any():
+        start = goal = None
+        if "start" in options:
+            start = self.cell_indices(options["start"])
+        if "goal" in options:
+            goal = self.cell_indices(options["goal"])
+        pairs = self.distance_matrix() > 0  # (N, N): a path from s to g, s != g
+        possible = pairs
+        if start is not None:
+            possible = possible[start]
+        if goal is not None:
+            possible = possible[..., goal]
+        if not possible.any():
             raise ValueError(f"goal not reachable from the start (or the same cell): {options}")
         s, g = start, goal
-        while s is None or g is None or not ok[s, g]:  # rejection sampling: uniform pairs
-            s = start if start is not None else int(self.np_random.integers(len(ok)))
-            g = goal if goal is not None else int(self.np_random.integers(len(ok)))
+        while s is None or g is None or not pairs[s, g]:  # rejection sampling: uniform pairs
+            if start is None:
+                s = int(self.np_random.integers(len(pairs)))
+            if goal is None:
+                g = int(self.np_random.integers(len(pairs)))
         self.agent, self.goal = s, g
         return self._obs(), self._info()
 
@@ -330,20 +410,23 @@ class GridWorld(gymnasium.Env):
         return self._obs(), float(reached), reached, False, self._info()
 
     def compute_reward(self, achieved_goal, desired_goal, info):  # Gymnasium-Robotics'
-        return np.all(np.asarray(achieved_goal) == np.asarray(desired_goal), axis=-1).astype(float)
+        same = np.asarray(achieved_goal) == np.asarray(desired_goal)
+        return np.all(same, axis=-1).astype(float)
 
     def render(self):
         if self.render_mode == "ansi":
             grid = self.grid.copy()
-            (gr, gc), (ar, ac) = self.cells[self.goal], self.cells[self.agent]
-            grid[gr, gc], grid[ar, ac] = "G", "A"
+            grid[tuple(self.cells[self.goal])] = "G"
+            grid[tuple(self.cells[self.agent])] = "A"
             return "\n".join("".join(row) for row in grid)
         if self.render_mode == "rgb_array":
-            colors = np.where((self.grid == WALL)[..., None], [40, 40, 40], [235, 235, 235])
+            colors = np.full((*self.grid.shape, 3), 235)  # free cells: light grey
+            colors[self.grid == WALL] = 40
             colors[np.isin(self.grid, list(ONE_WAY))] = [235, 200, 120]  # one-way cells
             colors[tuple(self.cells[self.goal])] = [40, 170, 60]
             colors[tuple(self.cells[self.agent])] = [30, 90, 220]
-            return np.kron(colors, np.ones((8, 8, 1))).astype(np.uint8)  # 8 px a cell
+            pixels = np.kron(colors, np.ones((8, 8, 1)))  # 8 pixels a cell
+            return pixels.astype(np.uint8)
 
 
 if "GridWorld-v0" not in gymnasium.registry:

@@ -1,4 +1,8 @@
-"""Tests for gridworld.py (the ground truth) and metricrl.py (the method). All on CPU, tiny maps."""
+"""Tests for gridworld.py (the ground truth), metricrl.py (the method, a run, the command line)
+and experiments.py (the sweeps). All on CPU, on tiny maps, in the order of the code."""
+import copy
+import dataclasses
+import json
 import os
 import re
 import shlex
@@ -11,10 +15,15 @@ from pathlib import Path
 import gymnasium
 import numpy as np
 import pytest
+import torch
+import torch.nn as nn
 from gymnasium.utils.env_checker import check_env
 
+import experiments
 import gridworld
+import metricrl
 from gridworld import GridWorld, load_layout
+from metricrl import Args
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -257,15 +266,24 @@ def test_load_layout_errors(spec, message):
         load_layout(spec)
 
 
+def test_gridworld_rejects_bad_actions_options_and_layouts():
+    env = GridWorld("open")
+    env.reset(seed=0)
+    for action in (4, -1, 1.7, "x", np.array([1, 2])):
+        with pytest.raises(ValueError, match="action must be one integer"):
+            env.step(action)
+    env.step(np.int64(2))  # what action_space.sample() gives
+    for options, error in (({"begin": (1, 1)}, ValueError), ({"start": (1,)}, ValueError),
+                           ({"start": "ab"}, ValueError), ({"start": (1.5, 2)}, TypeError)):
+        with pytest.raises(error, match="start|cells must be integer"):
+            env.reset(options=options)
+    with pytest.raises(TypeError, match="layout must be a name, a path or map text, got int"):
+        GridWorld(123)
+    with pytest.raises(ValueError, match="slip must be a number in"):
+        GridWorld("open", slip="x")
+
+
 # ===================================================================== metricrl.py
-import json  # noqa: E402
-
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-
-import metricrl  # noqa: E402
-from metricrl import Args  # noqa: E402
-
 ROOM = "#######\n#.....#\n#.#...#\n#.....#\n#######"  # a 3 x 5 room with a pillar
 TINY = ["--episodes", "20", "--episode-len", "30", "--steps", "60", "--eval-every", "30",
         "--batch-size", "64", "--hidden", "32", "--quiet"]
@@ -281,11 +299,14 @@ def truth(env):
     return metricrl.ground_truth(env, "cpu")
 
 
-@torch.no_grad()
-def distances(critic, x):
-    """(N, N) latent distances of any embedding network."""
-    z = critic(x)
-    return torch.cdist(z, z)
+def tiny_run(layout, seed=0, **knobs):
+    """The data, features, networks and args of a tiny run (nothing trained yet)."""
+    env = GridWorld(layout)
+    args = Args(**{"episodes": 30, "episode_len": 30, "hidden": 32, **knobs})
+    torch.manual_seed(seed)
+    data = metricrl.collect_dataset(env, args, np.random.default_rng(seed))
+    x, critic, actor = metricrl.build(env, args, "cpu")
+    return env, args, data, x, critic, actor
 
 
 class TableActor(nn.Module):
@@ -297,6 +318,48 @@ class TableActor(nn.Module):
 
     def forward(self, x, s, g):  # (N, F), (B,), (B,) -> (B, 4)
         return self.logits[s, g]
+
+
+# ------------------------------------------------------------------ 1. data
+def test_expert_data_rarely_bumps_random_data_often():
+    env = GridWorld(MAZE7)
+    bumps = []
+    for epsilon in (0.0, 1.0):
+        data = metricrl.collect_dataset(env, Args(episodes=50, epsilon=epsilon),
+                                        np.random.default_rng(0))
+        bumps.append((data["s"] == data["s2"]).float().mean().item())
+    assert bumps[0] < 0.05 and bumps[1] > 0.3  # optimal moves never bump into a wall
+
+
+def test_data_is_time_major_and_each_trajectory_continues():
+    """Row t * E + e is step t of trajectory e: its s' is the s of row (t + 1) * E + e."""
+    env = GridWorld(MAZE7)
+    data = metricrl.collect_dataset(env, Args(episodes=7, episode_len=5), np.random.default_rng(0))
+    e = 7
+    assert data["t"].tolist() == [t for t in range(5) for _ in range(e)]
+    assert data["episode"].tolist() == list(range(e)) * 5
+    assert (data["s2"][:-e] == data["s"][e:]).all()
+    nxt = torch.as_tensor(np.array(env.transitions()))
+    assert (nxt[data["s"], data["a"]] == data["s2"]).all()  # no slip: the move as taken
+
+
+def test_data_size_rule_grows_with_the_map():
+    def episodes(name, **kw):  # trajectories collected for --episodes 0 (or as given)
+        data = metricrl.collect_dataset(GridWorld(name), Args(episode_len=2, **kw),
+                                        np.random.default_rng(0))
+        return len(data["s"]) // 2
+    assert [episodes(name) for name in ("maze", "maze25", "maze51")] == [200, 600, 2000]
+    assert episodes("maze51", episodes=7) == 7
+    assert metricrl.default_episodes(128) == 200 and metricrl.default_episodes(129) == 400
+
+
+def test_cell_features_one_hot_and_scaled_coordinates():
+    env = GridWorld(RING)  # 3 rows x 4 columns
+    assert torch.equal(metricrl.cell_features(env, Args()), torch.eye(10))
+    xy = metricrl.cell_features(env, Args(features="xy"))
+    cells = env.cell_indices([[0, 0], [2, 3], [1, 0], [0, 1]])
+    expected = torch.tensor([[-1, -1], [1, 1], [0, -1], [-1, -1 / 3]])
+    assert torch.allclose(xy[cells], expected)
 
 
 def test_actor_first_layer_split_equals_an_mlp_on_concatenated_features():
@@ -311,26 +374,180 @@ def test_actor_first_layer_split_equals_an_mlp_on_concatenated_features():
     assert torch.allclose(actor(x, s, g), expected, atol=1e-6)
 
 
+def test_build_makes_each_critic():
+    env = GridWorld(ONE_WAY_RING)  # 8 cells
+    x, critic, actor = metricrl.build(env, Args(latent=5, hidden=16), "cpu")
+    assert critic(x).shape == (8, 5) and actor(x, torch.arange(8), torch.arange(8)).shape == (8, 4)
+    assert sum(isinstance(m, nn.Linear) for m in critic.modules()) == 3  # two hidden layers
+    assert metricrl.build(env, Args(algo="gcbc"), "cpu")[1] is None
+    td = metricrl.build(env, Args(algo="td"), "cpu")[1]
+    assert td(x, torch.arange(8), torch.arange(8)).shape == (8, 1)
+    exact = metricrl.build(env, Args(critic="exact", super_state=True), "cpu")[1]
+    assert exact.weight.shape == (9, 8)  # k = N + 1 coordinates, one-hot in: a table
+    oracle = metricrl.build(env, Args(critic="bfs"), "cpu")[1]
+    assert not oracle.weight.requires_grad
+    assert oracle.weight.tolist() == env.distance_matrix().tolist()
+
+
+# ------------------------------------------------------------------ 2. critic
+def test_push_shapes_hand_computed():
+    d = torch.tensor([0.5, 2.0])
+    assert metricrl.push(d, "log").tolist() == pytest.approx([-np.log(0.5), -np.log(2.0)], rel=1e-5)
+    assert metricrl.push(d, "inverse").tolist() == pytest.approx([2.0, 0.5], rel=1e-5)
+    assert metricrl.push(d, "raw").tolist() == pytest.approx([-0.5, -2.0])
+
+
+def test_weighted_mean_counts_each_entry_n_times():
+    values, counts = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 0.0, 2.0])
+    assert metricrl.weighted_mean(values, counts).item() == pytest.approx(7 / 3)
+    assert metricrl.weighted_mean(values, torch.zeros(3)).item() == 0  # no pair: 0, not nan
+
+
 def test_critic_loss_shapes_and_hand_computed_value():
     z = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
     z2 = torch.tensor([[1.0, 0.0], [3.0, 4.0]])
     s, s2 = torch.tensor([0, 1]), torch.tensor([2, 1])  # transition 1 is a wall bump
-    loss, info = metricrl.metric_loss(*metricrl.batch_pairs(z, z2, s, s2, "euclidean"), Args(lam=1.0))
+    d_pos, n_pos, d_neg, n_neg = metricrl.batch_pairs(z, z2, s, s2, "euclidean")
+    assert d_pos.shape == n_pos.shape == (2,) and d_neg.shape == n_neg.shape == (2, 2)
+    assert n_pos.tolist() == [1, 0] and n_neg.tolist() == [[0, 1], [1, 0]]
+    loss, info = metricrl.metric_loss(d_pos, n_pos, d_neg, n_neg, Args(lam=0.5))
     # positive: only transition 0 moved, and it has length 1 -> 0.
     # negative: pairs (0, 1) at distance 5 and (1, 0) at distance sqrt(20).
-    expected = -(np.log(5 + 1e-6) + np.log(np.sqrt(20) + 1e-6)) / 2
-    assert loss.shape == () and info["positive"].item() == pytest.approx(0.0)
-    assert info["negative"].item() == pytest.approx(expected, rel=1e-5)
+    negative = -(np.log(5 + 1e-6) + np.log(np.sqrt(20) + 1e-6)) / 2
+    assert info["positive"].item() == pytest.approx(0.0)
+    assert info["negative"].item() == pytest.approx(negative, rel=1e-5)
+    assert loss.shape == () and loss.item() == pytest.approx(0.5 * negative, rel=1e-5)
     # row-wise: shifting the pairing changes the positive term (all-pairs would not)
-    _, swapped = metricrl.metric_loss(*metricrl.batch_pairs(z, z2.flip(0), s, s2.flip(0), "euclidean"),
-                                      Args(lam=1.0))
-    assert swapped["positive"].item() > 1.0
+    swapped = metricrl.batch_pairs(z, z2.flip(0), s, s2.flip(0), "euclidean")
+    assert metricrl.metric_loss(*swapped, Args())[1]["positive"].item() > 1.0
+    s2 = torch.tensor([2, 0])  # s_0 = s'_1: one cell, distance 0, not pushed
+    assert metricrl.batch_pairs(z, z2, s, s2, "euclidean")[3].tolist() == [[0, 0], [1, 0]]
 
 
-def test_latent_distance_is_row_wise():
+def test_constrained_loss_hand_computed():
+    d_pos, n_pos = torch.tensor([1.5, 0.5]), torch.tensor([1.0, 1.0])
+    d_neg, n_neg = torch.tensor([2.0, 4.0]), torch.tensor([1.0, 3.0])
+    loss, info = metricrl.metric_loss(d_pos, n_pos, d_neg, n_neg, Args(objective="constrained"),
+                                      mu=torch.tensor(2.0))
+    assert info["push"].item() == pytest.approx((2 * 2 + 4 * 4) / 6)  # moves are pairs too
+    assert info["violation"].item() == pytest.approx(0.25 / 2)  # only d = 1.5 is above 1
+    assert loss.item() == pytest.approx(-20 / 6 + 2 * 0.125)
+
+
+def test_pair_counts_by_hand():
+    data = {"s": torch.tensor([0, 0, 1, 2]), "s2": torch.tensor([1, 1, 1, 0])}
+    moves, pairs = metricrl.pair_counts(data, 3)
+    assert moves.tolist() == [[0, 2, 0], [0, 0, 0], [1, 0, 0]]  # 1 -> 1 bumps: not a move
+    # (s_i, s'_j), i != j: u = 0, v = 1: i in {0, 1}, j in {0, 1, 2}, i != j: 4 pairs
+    assert pairs.tolist() == [[0, 4, 0], [1, 0, 0], [0, 3, 0]]
+
+
+def test_dataset_critic_loss_equals_critic_loss_on_the_whole_dataset():
+    env = GridWorld(ROOM)
+    data = metricrl.collect_dataset(env, Args(episodes=3, episode_len=40), np.random.default_rng(0))
+    z = torch.randn(len(env.cells), 5, dtype=torch.float64)
+    s, s2 = data["s"], data["s2"]
+    loss, info = metricrl.metric_loss(*metricrl.batch_pairs(z[s], z[s2], s, s2, "euclidean"),
+                                      Args(lam=0.7))
+    moved, pairs = (c.double() for c in metricrl.pair_counts(data, len(env.cells)))
+    d = metricrl.pairwise(z, z)
+    grouped, grouped_info = metricrl.metric_loss(d, moved, d, pairs, Args(lam=0.7))
+    assert grouped.item() == pytest.approx(loss.item(), rel=1e-9)
+    assert grouped_info["positive"].item() == pytest.approx(info["positive"].item(), rel=1e-9)
+
+
+def test_exact_loss_by_hand():
+    """push = mean over pairs of min(z_g(s) - z_g(g), N); violation = mean relu(z_c(u) - z_c(v)
+    - 1)^2 over moves and coordinates."""
+    z = torch.tensor([[1.0, 2.0, 9.0], [1.0, 0.5, 1.0], [3.0, 0.0, -1.0]])
+    moves = torch.tensor([[0.0, 1, 0], [0, 0, 1], [0, 0, 0]])  # 0 -> 1, 1 -> 2
+    pairs = torch.tensor([[0.0, 0, 2], [0, 0, 0], [1, 0, 0]])
+    loss, info = metricrl.exact_loss(z, moves, pairs, torch.tensor(2.0))
+    # z_g(s) - z_g(g), capped at N = 3, weighted by moves + pairs: 1.5 + 2 * 3 + 2 + 2
+    assert info["push"].item() == pytest.approx(11.5 / 5)
+    # move 0 -> 1: relu(0, 0.5, 7)^2; move 1 -> 2: relu(-3, -0.5, 1)^2; over 2 moves x 3
+    assert info["violation"].item() == pytest.approx((0.25 + 49 + 1) / 6)
+    assert loss.item() == pytest.approx(-11.5 / 5 + 2 * 50.25 / 6)
+    no_moves = torch.zeros(3, 3)  # data without a move between two cells: a loss, not nan
+    assert torch.isfinite(metricrl.exact_loss(torch.randn(3, 3), no_moves, no_moves, 1.0)[0])
+
+
+def test_super_state_joins_each_trajectory_end():
+    """Two trajectories of 3 steps, 10 -> 13 and 20 -> 23, in time order."""
+    s = torch.tensor([10, 20, 11, 21, 12, 22])
+    data = {"s": s, "a": torch.ones_like(s), "s2": s + 1}
+    joined = metricrl.with_super_state(data, Args(episode_len=3), 30)
+    assert joined["s"][:6].tolist() == s.tolist() and joined["s2"][:6].tolist() == (s + 1).tolist()
+    assert joined["s"][6:].tolist() == [13, 23] and joined["s2"][6:].tolist() == [30, 30]
+
+
+def test_embed_adds_the_super_state_from_zero_features():
+    critic = nn.Linear(4, 3, bias=False)
+    x = torch.eye(4)
+    assert torch.equal(metricrl.embed(critic, x, Args()), critic(x))
+    z = metricrl.embed(critic, x, Args(super_state=True))
+    assert z.shape == (5, 3) and torch.equal(z[4], torch.zeros(3)) and torch.equal(z[:4], critic(x))
+
+
+# ------------------------------------------------------------------ 3. value and advantage
+def test_latent_distances_by_hand():
     z, zg = torch.zeros(5, 3), torch.arange(15.0).view(5, 3)
     d = metricrl.latent_distance(z, zg)
     assert d.shape == (5,) and d[1].item() == pytest.approx(np.sqrt(9 + 16 + 25))
+    a, b = torch.tensor([0.0, 0, 3, 1]), torch.tensor([3.0, 4, 1, 2])
+    # quasimetric: ||first half|| + max relu(second half): 5 + max(2, 0); back: 5 + max(0, 1)
+    assert metricrl.latent_distance(a, b, "quasimetric").item() == pytest.approx(7)
+    assert metricrl.latent_distance(b, a, "quasimetric").item() == pytest.approx(6)
+    a, b = torch.tensor([1.0, 5, 2]), torch.tensor([3.0, 1, 2])
+    assert metricrl.latent_distance(a, b, "max-relu").item() == 4
+    assert metricrl.latent_distance(b, a, "max-relu").item() == 2
+
+
+def test_quasimetric_head_is_a_quasimetric_and_can_be_asymmetric():
+    torch.manual_seed(0)
+    x, y, w = torch.randn(3, 500, 8)
+    for metric in ("quasimetric", "max-relu"):
+        dxy = metricrl.latent_distance(x, y, metric)
+        assert torch.allclose(metricrl.latent_distance(x, x, metric), torch.zeros(500))
+        assert (dxy >= 0).all()
+        dxw, dyw = metricrl.latent_distance(x, w, metric), metricrl.latent_distance(y, w, metric)
+        assert (dxw <= dxy + dyw + 1e-5).all()  # triangle inequality
+        assert (dxy - metricrl.latent_distance(y, x, metric)).abs().max() > 0.1  # asymmetric
+        all_pairs = metricrl.pairwise(x[:5], y[:7], metric)  # (5, 7)
+        assert all_pairs.shape == (5, 7)
+        assert torch.allclose(all_pairs[2, 3], metricrl.latent_distance(x[2], y[3], metric))
+    assert torch.allclose(metricrl.latent_distance(x, y), metricrl.latent_distance(y, x))
+
+
+def test_value_and_td_distance_by_hand():
+    d = torch.tensor([0.0, 1.0, 3.0])
+    assert metricrl.value(d, 0.5).tolist() == [1.0, 0.5, 0.125]
+    assert metricrl.td_distance(metricrl.value(d, 0.9), 0.9).tolist() == pytest.approx([0, 1, 3])
+    assert metricrl.td_distance(torch.tensor(0.0), 0.9).isfinite()  # V = 0: far, not inf
+
+
+def test_the_actor_reads_the_distance_from_s_to_g():
+    """On the one-way ring, 0 -> 2 takes 2 steps and 2 -> 0 takes 6: the distances the actor's
+    weights read are d(s, g) and d(s', g), for the oracle's table and the asymmetric latent
+    ones (linear weights: w = A = d(s, g) - d(s', g))."""
+    env, args, _, x, critic, _ = tiny_run(ONE_WAY_RING, critic="bfs", weighting="linear")
+    zero, one, two = torch.tensor([0]), torch.tensor([1]), torch.tensor([2])
+    assert metricrl.actor_weights(critic, x, None, zero, one, two, args).item() == 2 - 1
+    assert metricrl.actor_weights(critic, x, None, two, one, zero, args).item() == 6 - 7
+    exp = dataclasses.replace(args, weighting="exp")  # A = 1 step: exp(6), below the clip
+    assert metricrl.actor_weights(critic, x, None, zero, one, two, exp).item() == \
+        pytest.approx(np.exp(6.0))
+    z = torch.tensor([[1.0, 5, 2], [3.0, 1, 2], [1.0, 5, 2]])  # max-relu: 4 from 0 to 1, 2 back
+    exact = Args(critic="exact", weighting="linear")
+    assert metricrl.actor_weights(critic, x, z, zero, two, one, exact).item() == 4 - 4
+    assert metricrl.actor_weights(critic, x, z, zero, one, one, exact).item() == 4 - 0
+    assert metricrl.actor_weights(critic, x, z, one, zero, zero, exact).item() == 2 - 0
+    quasi = Args(metric="quasimetric", weighting="linear")
+    z = torch.tensor([[0.0, 0, 3, 1], [3.0, 4, 1, 2]])  # 7 from 0 to 1, 6 back
+    assert metricrl.actor_weights(critic, x, z, one, zero, zero, quasi).item() == pytest.approx(6)
+    gcbc = metricrl.actor_weights(None, x, None, torch.tensor([0, 1]), torch.tensor([1, 2]),
+                                  torch.tensor([2, 2]), Args(algo="gcbc"))
+    assert gcbc.tolist() == [1.0, 1.0]
 
 
 def test_advantage_weights_exp_clipped_and_linear():
@@ -342,63 +559,28 @@ def test_advantage_weights_exp_clipped_and_linear():
     assert linear.tolist() == [1.0, 0.0, -1.0]
 
 
-def test_critic_learns_to_order_distances_on_a_tiny_map():
-    env = GridWorld(ROOM)
-    args = Args(episodes=20, episode_len=30, steps=300, critic_only=1.0, eval_every=100,
-                batch_size=128, hidden=64)
-    torch.manual_seed(0)
-    data = metricrl.collect_dataset(env, args, np.random.default_rng(0))
-    x, critic, actor = metricrl.build(env, args, "cpu")
-    rows = []
-    metricrl.train(data, x, critic, actor, args,
-                   lambda: metricrl.evaluate(distances(critic, x), actor, x, truth(env)), rows.append)
-    losses = [r["critic_loss"] for r in rows]
-    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
-    assert rows[-1]["spearman"] > 0.8 and rows[-1]["monotonicity"] > 0.8
+# ------------------------------------------------------------------ 4. actor
+def test_actor_loss_by_hand():
+    logits, a = torch.zeros(2, 4), torch.tensor([0, 3])  # uniform: log pi = -log 4
+    loss = metricrl.actor_loss(logits, a, torch.tensor([1.0, 3.0]))
+    assert loss.item() == pytest.approx((1 + 3) * np.log(4) / 2)
+    logits = torch.tensor([[np.log(2.0), 0, 0, 0]])  # pi(0) = 2 / 5
+    assert metricrl.actor_loss(logits, torch.tensor([0]), torch.ones(1)).item() == \
+        pytest.approx(-np.log(0.4))
 
 
-def test_logged_losses_average_only_the_steps_that_computed_them():
-    """The actor starts at step 90 of 100: its logged loss is the mean of 10 steps, not 100."""
-    env = GridWorld(ROOM)
-    logged = []
-    for critic_only in (0.0, 0.9):
-        args = Args(episodes=20, episode_len=30, steps=100, critic_only=critic_only,
-                    eval_every=100, batch_size=64, hidden=32, lr=0.0)  # lr 0: losses stay put
-        torch.manual_seed(0)
-        data = metricrl.collect_dataset(env, args, np.random.default_rng(0))
-        x, critic, actor = metricrl.build(env, args, "cpu")
-        rows = []
-        metricrl.train(data, x, critic, actor, args, lambda: {}, rows.append)
-        logged.append(rows[-1]["actor_loss"])
-    assert logged[1] == pytest.approx(logged[0], rel=0.3)
-
-
-def test_critic_bfs_gives_the_optimal_policy_on_a_tiny_maze():
-    """--critic bfs: the oracle's weights favour shortest-path transitions; the actor learns them."""
-    env = GridWorld(MAZE7)
-    args = Args(critic="bfs", episodes=30, episode_len=30, steps=400, eval_every=400, hidden=64)
-    torch.manual_seed(0)
-    data = metricrl.collect_dataset(env, args, np.random.default_rng(0))
-    x, critic, actor = metricrl.build(env, args, "cpu")
-    d = torch.as_tensor(np.array(env.distance_matrix())).float()
-    assert not critic.weight.requires_grad and torch.equal(critic.weight, d)  # nothing to learn
-    s, a, s2 = data["s"], data["a"], data["s2"]
-    g = torch.randint(len(env.cells), s.shape)
-    w = metricrl.advantage_weights(d[s, g], d[s2, g], args)
-    on_path = torch.as_tensor(np.array(env.optimal_actions()))[s, g, a]
-    assert w[on_path].min() > 10 * w[~on_path].max()
-    rows = []
-    dz = metricrl.critic_distances(critic, x, args)
-    metricrl.train(data, x, critic, actor, args,
-                   lambda: metricrl.evaluate(dz, actor, x, truth(env)), rows.append)
-    assert "critic_loss" not in rows[-1] and "actor_loss" in rows[-1]  # the actor from step 1
-    assert rows[-1]["optimal_action_rate"] == 1.0 and rows[-1]["success_rate"] == 1.0
-    assert rows[-1]["critic_success_rate"] == 1.0 and rows[-1]["spearman"] == pytest.approx(1.0)
+def test_balance_weights_by_hand():
+    """Cell 0: move (0, 1) twice and (0, 2) once; cell 1: move (1, 0) once."""
+    data = {"s": torch.tensor([0, 0, 0, 1]), "a": torch.tensor([1, 1, 2, 0])}
+    balanced = metricrl.balance(data)
+    assert balanced["cells"].tolist() == [0, 1]
+    # 1 / (n(s, a) k(s)): 1 / (2 * 2) for each of the two (0, 1), 1 / (1 * 2), 1 / (1 * 1)
+    assert balanced["weight"].tolist() == [0.25, 0.25, 0.5, 1.0]
 
 
 def test_uniform_sampler_covers_every_cell_and_action_alike():
-    """Expert data visits cells and takes actions unevenly; goals="uniform" draws s uniformly over
-    the data's cells, a uniformly over the actions the data has at s, and g over the cells."""
+    """Expert data visits cells and takes actions unevenly; goals="uniform" draws s uniformly
+    over the data's cells, a uniformly over the actions the data has at s, g over the cells."""
     env = GridWorld(MAZE7)
     args = Args(epsilon=0.0, episodes=20, episode_len=30)
     data = metricrl.collect_dataset(env, args, np.random.default_rng(0))
@@ -406,8 +588,6 @@ def test_uniform_sampler_covers_every_cell_and_action_alike():
     visits = torch.bincount(data["s"], minlength=n_cells)
     moves = torch.bincount(4 * data["s"] + data["a"], minlength=4 * n_cells).view(-1, 4)
     assert visits.max() > 3 * visits[visits > 0].min()  # the data is skewed
-    assert ((moves > 0).sum(1) > 1).any() and (moves.max(1).values > 3 * moves.clamp(min=1)
-                                               .min(1).values)[(moves > 0).sum(1) > 1].any()
     data.update(metricrl.balance(data))
     torch.manual_seed(0)
     n = 200_000
@@ -426,40 +606,240 @@ def test_uniform_sampler_covers_every_cell_and_action_alike():
     assert torch.bincount(g, minlength=n_cells).max() > 2 * n / cells
 
 
+def trajectories(episodes=3, length=5):
+    """Time-major data of trajectories e whose step t goes from state 100 e + t to one more."""
+    t, e = torch.meshgrid(torch.arange(length), torch.arange(episodes), indexing="ij")
+    s = (100 * e + t).flatten()
+    return {"s": s, "a": torch.zeros_like(s), "s2": s + 1, "episode": e.flatten(), "t": t.flatten()}
+
+
+def test_hindsight_goals_are_later_states_of_the_same_trajectory():
+    data, args = trajectories(), Args(episodes=3, episode_len=5)
+    torch.manual_seed(0)
+    s, _, _, g = metricrl.sample(data, 2000, "hindsight", args)
+    assert (g // 100 == s // 100).all() and (g % 100 > s % 100).all()
+    assert set((g - s).tolist()) == {1, 2, 3, 4, 5}  # every later state of the trajectory
+    _, _, _, g = metricrl.sample(data, 2000, "random", args)
+    assert (g // 100 != s // 100).any()
+
+
+def test_mixed_goals_are_half_hindsight():
+    """td's critic: half hindsight goals; a random one looks like one 1/3 x 2/5 of the time."""
+    torch.manual_seed(0)
+    s, _, _, g = metricrl.sample(trajectories(), 8000, "mixed", Args(episodes=3, episode_len=5))
+    later = ((g // 100 == s // 100) & (g % 100 > s % 100)).float().mean().item()
+    assert later == pytest.approx(0.5 + 0.5 * 0.4 / 3, abs=0.025)
+
+
+# ------------------------------------------------------------------ 5. baselines
+def test_td_loss_target_hand_computed():
+    class Constant(nn.Module):  # V(s, g) = c for every pair
+        def __init__(self, c):
+            super().__init__()
+            self.c = c
+
+        def forward(self, x, s, g):
+            return torch.full((len(s), 1), self.c)
+
+    args = Args(gamma=0.9, expectile=0.8)
+    s, s2, g = torch.tensor([0, 1, 2]), torch.tensor([1, 2, 2]), torch.tensor([2, 2, 2])
+    # pair 0: y = 0.9 * V_target = 0.45 > V = 0.3: weight 0.8; pair 1 reaches g: y = 0.9;
+    # pair 2 is s = g: left out
+    loss = metricrl.td_loss(Constant(0.3), Constant(0.5), None, s, s2, g, args)
+    assert loss.item() == pytest.approx((0.8 * 0.15 ** 2 + 0.8 * 0.6 ** 2) / 2, rel=1e-5)
+    loss = metricrl.td_loss(Constant(0.95), Constant(0.5), None, s, s2, g, args)
+    assert loss.item() == pytest.approx((0.2 * 0.5 ** 2 + 0.2 * 0.05 ** 2) / 2, rel=1e-5)
+
+
+# ------------------------------------------------------------------ 6. training
+def test_critic_step_moves_td_target_and_raises_mu():
+    env, args, data, x, critic, _ = tiny_run(ROOM, algo="td", actor_batch=64)
+    data = {**data, **metricrl.balance(data)}
+    target = copy.deepcopy(critic)
+    for p in target.parameters():
+        nn.init.zeros_(p)
+    metricrl.critic_step(critic, x, data, None, args, {"target": target})
+    for p_target, p in zip(target.parameters(), critic.parameters()):
+        assert torch.allclose(p_target, metricrl.TARGET_RATE * p)  # from 0 towards V
+    env, args, data, x, critic, _ = tiny_run(ROOM, critic="exact")
+    nn.init.normal_(critic.weight, std=3.0)  # far apart: moves longer than 1 violate
+    counts = metricrl.pair_counts(data, len(x))
+    memory = {"mu": torch.tensor(3.0)}
+    loss, info, z = metricrl.critic_step(critic, x, data, counts, args, memory)
+    assert z.shape == (len(x), len(x)) and info["violation"] > 0
+    rise = metricrl.EXACT_DUAL_RATE * info["violation"]
+    assert memory["mu"].item() == pytest.approx(min(3 + rise.item(), metricrl.EXACT_DUAL_MAX))
+    assert loss.item() == pytest.approx(-info["push"].item() + 3 * info["violation"].item())
+
+
+def test_learning_rate_schedules_by_hand():
+    args = Args(steps=5, lr=0.01)
+    assert [metricrl.actor_lr(done, args, 2) for done in range(6)] == pytest.approx(
+        [0.01, 0.01, 0.01, 0.01 * 2 / 3, 0.01 / 3, 0])  # 3 steps of the actor: to 0 at the end
+    assert [metricrl.critic_lr(done, args) for done in range(5)] == [0.01] * 5
+    exact = Args(steps=5, critic="exact")
+    assert [metricrl.critic_lr(done, exact) for done in range(5)] == pytest.approx(
+        [0.2, 0.16, 0.12, 0.08, 0.04])
+
+
+def test_training_follows_algorithm_1(monkeypatch):
+    """The critic alone for critic_only of the steps, then both; each step's learning rates
+    as the schedules say."""
+    seen = []
+    real_step = torch.optim.Adam.step
+
+    def step(optimizer, *rest):
+        seen.append([group["lr"] for group in optimizer.param_groups])
+        return real_step(optimizer, *rest)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    env, args, data, x, critic, actor = tiny_run(ROOM, critic="exact", steps=5, critic_only=0.4,
+                                                 eval_every=1, actor_batch=32)
+    rows = metricrl.train(data, x, critic, actor, args)
+    assert [("actor_loss" in row) for row in rows] == [False, False, True, True, True]
+    assert all("critic_loss" in row for row in rows) and len(rows) == 5
+    assert [critic_lr for critic_lr, _ in seen] == pytest.approx([0.2, 0.16, 0.12, 0.08, 0.04])
+    assert [actor_lr for _, actor_lr in seen] == pytest.approx(
+        [3e-3, 3e-3, 3e-3, 2e-3, 1e-3])
+
+
+def test_logged_losses_average_only_the_steps_that_computed_them():
+    """The actor starts at step 90 of 100: its logged loss is the mean of 10 steps, not 100."""
+    logged = []
+    for critic_only in (0.0, 0.9):
+        _, args, data, x, critic, actor = tiny_run(
+            ROOM, steps=100, critic_only=critic_only, eval_every=100, batch_size=64, lr=0.0)
+        rows = metricrl.train(data, x, critic, actor, args)  # lr 0: the losses stay put
+        logged.append(rows[-1]["actor_loss"])
+    assert logged[1] == pytest.approx(logged[0], rel=0.3)
+
+
 def test_actor_budget_grows_with_the_map():
     budgets = [metricrl.actor_budget(n) for n in (10, 99, 292, 1274)]
     assert budgets[:2] == [1024, 1024] and budgets[2] > 2 * 1024
     assert budgets[3] == 1274 ** 2 // 32 and budgets[3] / budgets[2] == pytest.approx(
         (1274 / 292) ** 2, rel=0.01)  # N^2 samples per step
-    env = GridWorld("open")  # 64 cells: the rule's floor; a given --actor-batch wins
     seen = []
     real = metricrl.sample
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(metricrl, "sample", lambda data, n, *a: seen.append(n) or real(data, n, *a))
+
+    def sample(data, n, *rest):
+        seen.append(n)
+        return real(data, n, *rest)
+
+    with pytest.MonkeyPatch.context() as mp:  # 64 cells: the rule's floor; --actor-batch wins
+        mp.setattr(metricrl, "sample", sample)
         for batch in (0, 300):
-            args = Args(env="open", episodes=5, episode_len=10, steps=2, eval_every=2,
-                        critic_only=0.0, actor_batch=batch, hidden=8)
-            data = metricrl.collect_dataset(env, args, np.random.default_rng(0))
-            x, critic, actor = metricrl.build(env, args, "cpu")
-            metricrl.train(data, x, critic, actor, args, lambda: {}, lambda row: None)
+            _, args, data, x, critic, actor = tiny_run("open", steps=2, eval_every=2,
+                                                       critic_only=0.0, actor_batch=batch)
+            metricrl.train(data, x, critic, actor, args)
     assert seen == [1024, 1024, 300, 300]
 
 
-def test_metrics_of_optimal_random_and_looping_policies():
-    env = GridWorld("rooms")
+def test_critic_learns_to_order_distances_on_a_tiny_map():
+    _, args, data, x, critic, actor = tiny_run(ROOM, episodes=20, steps=300, critic_only=0.99,
+                                               eval_every=100, batch_size=128, hidden=64)
+    rows = metricrl.train(data, x, critic, actor, args, truth(GridWorld(ROOM)))
+    losses = [r["critic_loss"] for r in rows]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert rows[-1]["spearman"] > 0.8 and rows[-1]["monotonicity"] > 0.8
+
+
+def test_critic_bfs_gives_the_optimal_policy_on_a_tiny_maze():
+    """--critic bfs: the oracle's weights favour shortest-path moves; the actor learns them."""
+    env, args, data, x, critic, actor = tiny_run(MAZE7, critic="bfs", steps=400,
+                                                 eval_every=400, hidden=64)
+    d = torch.as_tensor(np.array(env.distance_matrix())).float()
+    s, a, s2 = data["s"], data["a"], data["s2"]
+    g = torch.randint(len(env.cells), s.shape)
+    w = metricrl.actor_weights(critic, x, None, s, s2, g, args)
+    on_path = torch.as_tensor(np.array(env.optimal_actions()))[s, g, a]
+    assert w[on_path].min() > 10 * w[~on_path].max()
+    rows = metricrl.train(data, x, critic, actor, args, truth(env))
+    assert "critic_loss" not in rows[-1] and "actor_loss" in rows[-1]  # the actor from step 1
+    assert rows[-1]["optimal_action_rate"] == 1.0 and rows[-1]["success_rate"] == 1.0
+    assert rows[-1]["critic_success_rate"] == 1.0 and rows[-1]["spearman"] == pytest.approx(1.0)
+
+
+def trained_distances(layout, seed=0, **knobs):
+    """A critic trained alone on a tiny map (after the data is collected, the map's BFS answers
+    raise: the critic learns from the data alone), its distances and BFS's."""
+    env, args, data, x, critic, actor = tiny_run(layout, seed, episodes=40, critic_only=0.99,
+                                                 **knobs)
+    d = torch.as_tensor(np.array(env.distance_matrix())).float()
+    for name in ("distance_matrix", "optimal_actions", "transitions"):
+        setattr(env, name, None)  # calling it would raise
+    metricrl.train(data, x, critic, actor, args)
+    return metricrl.critic_distances(critic, x, args), d
+
+
+def test_quasimetric_paper_loss_learns_the_long_way_back():
+    dz, d = trained_distances(ONE_WAY_RING, steps=600, metric="quasimetric", hidden=64, lr=1e-2)
+    assert dz[0, 2] < dz[2, 0] - 1  # 2 steps there, 6 back
+    assert metricrl.spearman(dz[d > 0], d[d > 0].double()) > 0.9
+
+
+def test_constrained_objective_learns_bfs_distances_on_a_tiny_map():
+    """Push apart subject to d(s -> s') <= 1: with a quasimetric the optimum is BFS."""
+    dz, d = trained_distances("#####\n#...#\n#...#\n#####", steps=1500, hidden=64, lr=1e-2,
+                              objective="constrained", metric="quasimetric")
+    assert (dz - d).abs().max() < 0.1
+
+
+def test_constrained_objective_approaches_bfs_with_a_one_way_cell():
+    """On the one-way ring it gets near, not onto, BFS in 1,500 steps (see README)."""
+    dz, d = trained_distances(ONE_WAY_RING, steps=1500, hidden=64, lr=1e-2,
+                              objective="constrained", metric="quasimetric")
+    assert (dz - d).abs().mean() < 0.1 and (dz - d).abs().max() < 0.6
+    assert dz[0, 2] < dz[2, 0] - 3  # the long way back (2 against 6) is learned
+    assert metricrl.spearman(dz[d > 0], d[d > 0].double()) > 0.95
+
+
+@pytest.mark.parametrize("layout", [RING, "#####\n#...#\n#...#\n#####", ONE_WAY_RING])
+def test_exact_critic_learns_bfs_distances(layout):
+    """On a ring, a room and a ring with a one-way cell: within 0.1 of BFS on every pair."""
+    dz, d = trained_distances(layout, steps=600, critic="exact", hidden=16)
+    assert (dz - d).abs().max() < 0.1
+    assert (dz.diagonal() == 0).all()
+
+
+def test_td_critic_orders_distances_on_a_tiny_map():
+    dz, d = trained_distances(ROOM, steps=400, algo="td", hidden=64, epsilon=0.0)
+    assert metricrl.spearman(dz[d > 0], d[d > 0].double()) > 0.8
+
+
+# ------------------------------------------------------------------ 7. evaluation
+def test_ground_truth_is_the_maps():
+    env = GridWorld(ONE_WAY_RING)
     t = truth(env)
-    x = metricrl.build(env, Args(), "cpu")[0]  # one-hot features
-    critic = nn.Identity()  # phi = one-hot: every pair at distance sqrt(2)
-    optimal = metricrl.evaluate(distances(critic, x), TableActor(t["opt"].float()), x, t)
-    assert optimal["success_rate"] == 1.0 and optimal["path_ratio"] == 1.0
-    assert optimal["optimal_action_rate"] == 1.0
+    assert t["nxt"].tolist() == env.transitions().tolist()
+    assert t["d"].tolist() == env.distance_matrix().tolist()
+    assert t["opt"].tolist() == env.optimal_actions().tolist()
+
+
+def test_policy_table_in_chunks_equals_one_pass():
+    env = GridWorld("rooms")
     torch.manual_seed(0)
-    random = metricrl.evaluate(distances(critic, x), TableActor(torch.randn(t["opt"].shape)), x, t)
-    assert random["success_rate"] < 0.5 and random["optimal_action_rate"] < 0.7
-    up = torch.zeros(t["opt"].shape)
-    up[..., 0] = 1  # always up: stuck at the top wall, never reaches a goal below
-    looping = metricrl.evaluate(distances(critic, x), TableActor(up), x, t)
-    assert looping["success_rate"] < 0.5
+    x, _, actor = metricrl.build(env, Args(hidden=16), "cpu")
+    whole = metricrl.pair_table(actor, x, chunk=len(x) ** 2).argmax(-1)
+    assert (metricrl.pair_table(actor, x, chunk=1000).argmax(-1) == whole).all()
+    n = len(x)
+    s, g = torch.arange(n).repeat_interleave(n), torch.arange(n).repeat(n)
+    assert (whole.flatten() == actor(x, s, g).argmax(-1)).all()
+
+
+def test_critic_distances_of_each_critic():
+    env, args, _, x, critic, _ = tiny_run(ONE_WAY_RING)
+    z = critic(x)
+    assert torch.allclose(metricrl.critic_distances(critic, x, args), torch.cdist(z, z))
+    env, args, _, x, critic, _ = tiny_run(ONE_WAY_RING, critic="exact", super_state=True)
+    z = critic(x)  # without the super-state's row
+    expected = (z[:, None, :] - z[None, :, :]).relu().amax(-1)  # [s, g] = max relu(z(s) - z(g))
+    assert torch.allclose(metricrl.critic_distances(critic, x, args), expected)
+    env, args, _, x, critic, _ = tiny_run(ONE_WAY_RING, algo="td")
+    v = metricrl.pair_table(critic, x)[..., 0]
+    assert torch.allclose(metricrl.critic_distances(critic, x, args),
+                          torch.log(v.clamp(1e-6, 1)) / np.log(args.gamma))
+    assert metricrl.critic_distances(None, x, Args(algo="gcbc")) is None
 
 
 def full_rollout(table, nxt, limit):
@@ -485,7 +865,8 @@ def test_rollout_counts_loops_as_failures():
 @pytest.mark.parametrize("layout", ["rooms", "maze"])
 def test_early_stopped_rollouts_match_full_length_ones(layout):
     env = GridWorld(layout)
-    nxt, opt = torch.as_tensor(np.array(env.transitions())), torch.as_tensor(np.array(env.optimal_actions()))
+    nxt = torch.as_tensor(np.array(env.transitions()))
+    opt = torch.as_tensor(np.array(env.optimal_actions()))
     torch.manual_seed(0)
     noisy = torch.where(torch.rand(opt.shape[:2]) < 0.1, torch.randint(4, opt.shape[:2]),
                         opt.float().argmax(-1))  # mostly optimal: long paths and loops
@@ -496,44 +877,110 @@ def test_early_stopped_rollouts_match_full_length_ones(layout):
         assert 0.01 < reached.float().mean() < 0.99  # both outcomes occur
 
 
-def test_spearman_and_monotonicity_of_the_truth_are_one():
+def test_slip_in_data_and_seeded_rollouts():
+    env = GridWorld("open")
+    slipped = metricrl.collect_dataset(env, Args(episodes=50, slip=0.3), np.random.default_rng(0))
+    intended = torch.as_tensor(np.array(env.transitions()))[slipped["s"], slipped["a"]]
+    assert 0.15 < (intended != slipped["s2"]).float().mean() < 0.35
+    t = truth(env)
+    table = t["opt"].float().argmax(-1)  # an optimal policy table
+    exact, _ = metricrl.rollout(table, t["nxt"], 1000)
+    assert exact[t["d"] > 0].all()
+    a, steps_a = metricrl.rollout(table, t["nxt"], 1000, slip=0.3, seed=1)
+    b, steps_b = metricrl.rollout(table, t["nxt"], 1000, slip=0.3, seed=1)
+    assert (a == b).all() and (steps_a == steps_b).all()  # seeded
+    # a slip that brings a pair back where it was is no loop: the pair walks on and arrives
+    assert a[t["d"] > 0].float().mean() > 0.99
+    ok = a & (t["d"] > 0)
+    assert (steps_a[ok] > t["d"][ok]).any()  # slips cost steps
+
+
+def test_spearman_and_monotonicity_by_hand():
     d = torch.as_tensor(np.array(GridWorld("maze").distance_matrix())).long()
     pairs = d > 0
     assert metricrl.spearman(d[pairs].double(), d[pairs].double()) == pytest.approx(1.0)
     assert metricrl.monotonicity(d.double(), d) == 1.0
     assert metricrl.monotonicity(-d.double(), d) == 0.0
+    assert metricrl.monotonicity(torch.ones(d.shape), d) == 0.0  # a tie keeps no order
     x, y = torch.tensor([1.0, 2.0, 2.0, 3.0]), torch.tensor([1.0, 2.0, 3.0, 4.0])
     assert metricrl.spearman(x, y) == pytest.approx(0.9 ** 0.5)  # ties share rank 2.5
+    assert metricrl.spearman(x, -y) == pytest.approx(-(0.9 ** 0.5))
 
 
+def test_optimal_rate_by_hand():
+    opt = torch.zeros(2, 2, 4, dtype=torch.bool)
+    opt[0, 1, 1] = opt[1, 0, 3] = True
+    pairs = torch.tensor([[False, True], [True, False]])
+    assert metricrl.optimal_rate(torch.tensor([[0, 1], [3, 0]]), opt, pairs) == 1.0
+    assert metricrl.optimal_rate(torch.tensor([[0, 2], [3, 0]]), opt, pairs) == 0.5
+
+
+def test_metrics_of_optimal_random_and_looping_policies():
+    env = GridWorld("rooms")
+    t = truth(env)
+    x = metricrl.build(env, Args(), "cpu")[0]
+    d = t["d"].float()
+    optimal = metricrl.evaluate(d, TableActor(t["opt"].float()), x, t)
+    assert optimal["success_rate"] == 1.0 and optimal["path_ratio"] == 1.0
+    assert optimal["optimal_action_rate"] == 1.0 and optimal["critic_success_rate"] == 1.0
+    torch.manual_seed(0)
+    random = metricrl.evaluate(-d, TableActor(torch.randn(t["opt"].shape)), x, t)
+    assert random["success_rate"] < 0.5 and random["optimal_action_rate"] < 0.7
+    assert random["critic_success_rate"] < 0.1 and random["value_greedy_rate"] < 0.05
+    up = torch.zeros(t["opt"].shape)
+    up[..., 0] = 1  # always up: stuck at the top wall, never reaches a goal below
+    looping = metricrl.evaluate(None, TableActor(up), x, t)
+    assert looping["success_rate"] < 0.5 and np.isnan(looping["critic_success_rate"])
+
+
+def test_distance_error_is_zero_for_the_bfs_table_and_measures_an_offset():
+    env = GridWorld("rooms")
+    t = truth(env)
+    x = metricrl.build(env, Args(), "cpu")[0]
+    d = t["d"].float()
+    exact = metricrl.evaluate(d, TableActor(t["opt"].float()), x, t)
+    assert exact["distance_error"] == 0 and exact["distance_error_max"] == 0
+    off = d + 0.25 * (d > 0)  # every pair a quarter step too far: the same greedy policy
+    off[0, 1] += 2  # one pair far off
+    off = metricrl.evaluate(off, TableActor(t["opt"].float()), x, t)
+    n = (d > 0).sum().item()
+    assert off["distance_error"] == pytest.approx(0.25 + 2 / n) and off["distance_error_max"] == 2.25
+
+
+# ------------------------------------------------------------------ a run end to end
 def test_end_to_end_outputs_reload_and_same_seed(tmp_path):
     env = tiny_map(tmp_path)
     m1 = metricrl.main(["--env", env, "--out", str(tmp_path / "a"), *TINY])
     for name in ("metrics.json", "log.csv", "model.pt", "metricrl.png"):
         assert (tmp_path / "a" / name).stat().st_size > 0
     saved = json.loads((tmp_path / "a" / "metrics.json").read_text())
-    for key in ("success_rate", "path_ratio", "optimal_action_rate", "value_greedy_rate",
-                "critic_success_rate", "spearman", "monotonicity", "seconds", "dataset"):
+    for key in (*metricrl.METRICS, "seconds", "dataset"):
         assert key in saved
     assert saved["env"] == env and saved["steps"] == 60 and saved["device"] == "cpu"
     assert (tmp_path / "a" / "log.csv").read_text().count("\n") == 3  # header + 2 evaluations
     m2 = metricrl.main(["--env", env, "--out", str(tmp_path / "b"), *TINY])
-    drop = lambda m: {k: v for k, v in m.items() if k not in ("seconds", "train_steps_per_s", "flags")}  # noqa: E731
+    timing = ("seconds", "train_steps_per_s", "flags")
+
+    def drop(metrics):
+        return {k: v for k, v in metrics.items() if k not in timing}
+
     assert drop(m1) == drop(m2)
     m3 = metricrl.main(["--load", str(tmp_path / "a" / "model.pt"), "--out", str(tmp_path / "c"),
                         "--quiet"])
     assert drop(m3) == drop(m1)
     assert m3["flags"]["steps"] == 60 and m3["flags"]["env"] == env  # the checkpoint's flags
     agent = metricrl.Agent(str(tmp_path / "a" / "model.pt"))
-    actions = agent.act(np.array([[1, 1], [3, 5]]), np.array([[3, 5], [1, 1]]))
-    assert actions.shape == (2,) and set(actions.tolist()) <= {0, 1, 2, 3}
+    states, goals = np.array([[1, 1], [3, 5], [1, 3]]), np.array([[3, 5], [1, 1], [3, 1]])
+    s, g = agent.env.cell_indices(states), agent.env.cell_indices(goals)
+    table = metricrl.pair_table(agent.actor, agent.x).argmax(-1)  # the greedy policy
+    assert agent.act(states, goals).tolist() == table[s, g].tolist()
     with pytest.raises(ValueError, match="not a free cell"):
         agent.act(np.array([[0, 0]]), np.array([[1, 1]]))
 
 
 def test_metrics_json_holds_the_training_speed(tmp_path):
     """train_steps_per_s, for each critic batch size (0: the whole dataset)."""
-    for b in (0, 256, 1024):
+    for b in (0, 256):
         out = tmp_path / f"bench{b}"
         metricrl.main(["--env", tiny_map(tmp_path), "--steps", "5", "--episodes", "10",
                        "--episode-len", "20", "--hidden", "16", "--batch-size", str(b), "--quiet",
@@ -543,6 +990,58 @@ def test_metrics_json_holds_the_training_speed(tmp_path):
         assert bench["train_steps_per_s"] > 0
 
 
+@pytest.mark.parametrize("algo, epsilon", [("metricrl", "0"), ("metricrl", "1"), ("gcbc", "0"),
+                                           ("td", "0")])
+def test_every_method_learns_from_expert_data_on_a_tiny_map(tmp_path, algo, epsilon):
+    """(and the default, metricrl, from random data)"""
+    env = gridworld.GridWorld(ROOM)
+    m = metricrl.main(["--env", tiny_map(tmp_path), "--algo", algo, "--epsilon", epsilon,
+                       "--steps", "300", "--eval-every", "300", "--episodes", "50",
+                       "--episode-len", "30", "--hidden", "64", "--quiet",
+                       "--out", str(tmp_path / algo)])
+    opt, d = env.optimal_actions(), env.distance_matrix()
+    chance = opt.mean(-1)[d > 0].mean()  # a uniformly random action's optimal-action rate
+    assert m["algo"] == algo and (tmp_path / algo / "metrics.json").exists()
+    assert m["optimal_action_rate"] > chance + 0.2 and m["success_rate"] > 0.3
+    assert np.isnan(m["critic_success_rate"]) == (algo == "gcbc")
+
+
+def test_negative_flag_reaches_the_loss(tmp_path):
+    """-log d is below 0 once the pairs are more than 1 apart; 1/d is above 0 for every d."""
+    negative = {}
+    for shape in ("log", "inverse"):
+        out = tmp_path / shape
+        metricrl.main(["--env", tiny_map(tmp_path), "--negative", shape, *TINY, "--steps", "300",
+                       "--critic-only", "0.9", "--out", str(out)])
+        ckpt = torch.load(out / "model.pt", weights_only=True)
+        negative[shape] = ckpt["history"][-1]["negative"]
+    assert negative["log"] < 0 < negative["inverse"]
+
+
+def no_figure(path, *rest):
+    """plot_run's stand-in where a test runs many runs and another test checks the figure."""
+    Path(path).write_bytes(b"")
+
+
+def test_readme_exercises_run_as_written(tmp_path, monkeypatch):
+    """Every command in the README's Exercises runs with the knobs it names (few steps here)."""
+    monkeypatch.setattr(metricrl, "plot_run", no_figure)
+    text = (Path(HERE) / "README.md").read_text()
+    section = text.split("## Exercises")[1].split("\n## ")[0]
+    commands = [line.strip() for line in section.splitlines()
+                if line.strip().startswith("python metricrl.py ")]
+    assert 6 <= len(re.findall(r"^\d+\. \*\*", section, re.M)) <= 10 and len(commands) >= 8
+    for i, command in enumerate(commands):
+        argv = shlex.split(command)[2:]
+        metrics = metricrl.main([*argv, "--steps", "30", "--eval-every", "30", "--quiet",
+                                 "--out", str(tmp_path / str(i))])
+        written, given = metricrl.parse_args(argv)
+        for name in given - {"out"}:  # the run used each knob the exercise names
+            assert metrics["flags"][name] == getattr(written, name), command
+        assert metrics["flags"]["steps"] == 30 and metrics["env"] == written.env
+
+
+# ------------------------------------------------------------------ the command line
 @pytest.mark.parametrize("flags, message", [
     (["--env", "castle"], "unknown layout 'castle'"),
     (["--env", "BADMAP"], "unknown character"),
@@ -554,53 +1053,52 @@ def test_metrics_json_holds_the_training_speed(tmp_path):
     (["--load", "FILE"], "not a metricrl checkpoint"),
     (["--features", "pixels"], "argument --features: invalid choice: 'pixels'"),
     (["--algo", "sac"], "argument --algo: invalid choice: 'sac'"),
-    (["--compare", "--algos", "metricrl,sac"], "--algos: unknown 'sac'"),
-    (["--compare", "--epsilons", "0,x"], "--epsilons must be numbers in [0, 1]"),
-    (["--compare", "--algos", "metricrl,metricrl-cosh"], "--algos: unknown 'metricrl-cosh'"),
-    (["--compare", "--epsilons", "0,2"], "--epsilons must be numbers in [0, 1], got '0,2'"),
-    (["--compare", "--load", "x.pt"], "--compare trains its own runs: drop --load"),
-    (["--assumptions", "--load", "x.pt"], "--assumptions trains its own runs"),
+    (["--compare"], "unrecognized arguments: --compare"),  # a sweep: experiments.py
     (["--slip", "2"], "--slip must be in [0, 1], got 2.0"),
     (["--algo", "td", "--metric", "quasimetric"], "--metric and --critic are MetricRL's"),
     (["--algo", "gcbc", "--critic", "bfs"], "--critic are MetricRL's: use --algo metricrl"),
     (["--critic", "exact", "--metric", "quasimetric"], "--critic exact has its own geometry"),
     (["--critic", "exact", "--lam", "2"], "drop --metric, --objective, --latent, --lam"),
-    (["--compare", "--critic", "exact"], "--critic: --compare sets it in each row"),
-    (["--compare", "--algo", "td"], "--algo: --compare sets it in each row"),
-    (["--assumptions", "--critic", "exact"], "--critic: --assumptions sets it in each row"),
     (["--critic", "exact", "--batch-size", "64"], "use all the data: --batch-size 0"),
-    (["--compare", "--envs", "maze,castle"], "unknown layout 'castle'"),
     (["--algo", "td", "--gamma", "1"], "td (--algo td, or in --algos) needs --gamma below 1"),
     (["--steps", "many"], "invalid int value"),
     (["--seed", "-1"], "--seed must be 0 or more"),
     (["--lr", "nan"], "--lr must be positive"),
+    (["--critic-only", "1"], "--critic-only must be in [0, 1)"),
+    (["--gamma", "0"], "--gamma must be in (0, 1]"),
+    (["--expectile", "1"], "--expectile must be in (0, 1)"),
     (["--latent", "1"], "--latent must be 2 or more"),
     (["--env", "SPLITMAP"], "no free cell can reach another one"),
     (["--load", "EMPTY"], "--load EMPTY: not a metricrl checkpoint (EOFError"),  # what Ctrl-C leaves
     (["--load", "TENSOR"], "not a metricrl checkpoint (TypeError"),  # a torch file, not ours
     (["--device", ""], "--device : here auto, cpu"),
     (["--load", "FILE", "--env", "rooms"], "--env: --load runs a checkpoint with the flags"),
-    (["--compare", "--assumptions"], "--compare and --assumptions are two modes"),
     (["--seed", "99999999999999999999"], "--seed must be below 2^31"),
     (["--beta", "inf"], "--beta must be finite"),
-    (["--seeds", "0"], "--seeds must be positive, got 0"),
     (["--episodes", "2000000000"], "GB of memory; this machine has"),  # sizes beyond the machine
     (["--hidden", "100000"], "GB of memory; this machine has"),
     (["--env", "maze1001"], "GB of memory; this machine has"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, flags, message):
+    assert_one_line_error(metricrl.main, tmp_path, capsys, flags, message)
+
+
+def assert_one_line_error(main, tmp_path, capsys, flags, message):
+    """main(flags) exits with code 2 and one line on stderr that holds message."""
     bad_map, a_file, split = tmp_path / "bad.txt", tmp_path / "file", tmp_path / "split.txt"
     (tmp_path / "empty.pt").write_bytes(b"")
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     bad_map.write_text("#..#\n#.x#")
     split.write_text("#####\n#.#.#\n#####")
     a_file.write_text("not a checkpoint")
-    flags = [f.replace("BADMAP", str(bad_map)).replace("FILE", str(a_file))
-             .replace("EMPTY", str(tmp_path / "empty.pt")).replace("TENSOR", str(tmp_path / "tensor.pt"))
-             .replace("SPLITMAP", str(split)) for f in flags]
+    places = {"BADMAP": bad_map, "FILE": a_file, "EMPTY": tmp_path / "empty.pt",
+              "TENSOR": tmp_path / "tensor.pt", "SPLITMAP": split}
+    for word, path in places.items():
+        flags = [flag.replace(word, str(path)) for flag in flags]
+    if "--out" not in flags:
+        flags = [*flags, "--out", str(tmp_path / "out")]
     with pytest.raises(SystemExit) as exit_info:
-        metricrl.main([*flags, "--out", str(tmp_path / "out"), "--quiet"] if "--out" not in flags
-                      else [*flags, "--quiet"])
+        main([*flags, "--quiet"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.replace(str(tmp_path / "empty.pt"), "EMPTY")
     assert message in err and err.count("\n") == 1
@@ -630,307 +1128,24 @@ def test_cuda_run_matches_cpu_closely(tmp_path):
     assert abs(gpu["monotonicity"] - cpu["monotonicity"]) < 0.1
 
 
-def test_dataset_critic_loss_equals_critic_loss_on_the_whole_dataset():
-    env = GridWorld(ROOM)
-    data = metricrl.collect_dataset(env, Args(episodes=3, episode_len=40), np.random.default_rng(0))
-    z = torch.randn(len(env.cells), 5, dtype=torch.float64)
-    s, s2 = data["s"], data["s2"]
-    loss, info = metricrl.metric_loss(*metricrl.batch_pairs(z[s], z[s2], s, s2, "euclidean"), Args(lam=0.7))
-    moved, pairs = (c.double() for c in metricrl.pair_counts(data, len(env.cells)))
-    d = metricrl.pairwise(z, z)
-    grouped, grouped_info = metricrl.metric_loss(d, moved, d, pairs, Args(lam=0.7))
-    assert grouped.item() == pytest.approx(loss.item(), rel=1e-9)
-    assert grouped_info["positive"].item() == pytest.approx(info["positive"].item(), rel=1e-9)
-
-
-def test_data_size_rule_grows_with_the_map():
-    def episodes(name, **kw):  # trajectories collected for --episodes 0 (or as given)
-        data = metricrl.collect_dataset(GridWorld(name), Args(episode_len=2, **kw), np.random.default_rng(0))
-        return len(data["s"]) // 2
-    assert [episodes(name) for name in ("maze", "maze25", "maze51")] == [200, 600, 2000]
-    assert episodes("maze51", episodes=7) == 7
-
-
-def test_policy_table_in_chunks_equals_one_pass():
-    env = GridWorld("rooms")
-    torch.manual_seed(0)
-    x, _, actor = metricrl.build(env, Args(hidden=16), "cpu")
-    whole = metricrl.pair_table(actor, x, chunk=len(x) ** 2).argmax(-1)
-    assert (metricrl.pair_table(actor, x, chunk=1000).argmax(-1) == whole).all()
-    n = len(x)
-    s, g = torch.arange(n).repeat_interleave(n), torch.arange(n).repeat(n)
-    assert (whole.flatten() == actor(x, s, g).argmax(-1)).all()
-
-
-# ------------------------------------------------------------------ baselines and --compare
-def test_push_shapes_hand_computed():
-    d = torch.tensor([0.5, 2.0])
-    assert metricrl.push(d, "log").tolist() == pytest.approx([-np.log(0.5), -np.log(2.0)], rel=1e-5)
-    assert metricrl.push(d, "inverse").tolist() == pytest.approx([2.0, 0.5], rel=1e-5)
-    assert metricrl.push(d, "raw").tolist() == pytest.approx([-0.5, -2.0])
-    z = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
-    s, s2 = torch.tensor([0, 1]), torch.tensor([2, 3])
-    _, info = metricrl.metric_loss(*metricrl.batch_pairs(z, z, s, s2, "euclidean"), Args(negative="inverse"))
-    assert info["negative"].item() == pytest.approx(1 / 5, rel=1e-5)  # both pairs at 5
-
-
-def test_hindsight_goals_are_later_states_of_the_same_trajectory():
-    episodes, length = 3, 5
-    t, e = torch.meshgrid(torch.arange(length), torch.arange(episodes), indexing="ij")
-    s = (100 * e + t).flatten()  # transition (e, t) at index t * E + e: state 100 e + t
-    data = {"s": s, "a": torch.zeros_like(s), "s2": s + 1, "episode": e.flatten(), "t": t.flatten()}
-    args = Args(episodes=episodes, episode_len=length)
-    torch.manual_seed(0)
-    s, _, _, g = metricrl.sample(data, 2000, "hindsight", args)
-    assert (g // 100 == s // 100).all() and (g % 100 > s % 100).all()
-    assert set((g - s).tolist()) == {1, 2, 3, 4, 5}  # every later state of the trajectory
-    _, _, _, g = metricrl.sample(data, 2000, "random", args)
-    assert (g // 100 != s // 100).any()
-
-
-def test_td_loss_target_hand_computed():
-    class Constant(nn.Module):  # V(s, g) = c for every pair
-        def __init__(self, c):
-            super().__init__()
-            self.c = c
-
-        def forward(self, x, s, g):
-            return torch.full((len(s), 1), self.c)
-
-    args = Args(gamma=0.9, expectile=0.8)
-    s, s2, g = torch.tensor([0, 1, 2]), torch.tensor([1, 2, 2]), torch.tensor([2, 2, 2])
-    # pair 0: y = 0.9 * V_target = 0.45 > V = 0.3: weight 0.8; pair 1 reaches g: y = 0.9;
-    # pair 2 is s = g: left out
-    loss = metricrl.td_loss(Constant(0.3), Constant(0.5), None, s, s2, g, args)
-    assert loss.item() == pytest.approx((0.8 * 0.15 ** 2 + 0.8 * 0.6 ** 2) / 2, rel=1e-5)
-    loss = metricrl.td_loss(Constant(0.95), Constant(0.5), None, s, s2, g, args)
-    assert loss.item() == pytest.approx((0.2 * 0.5 ** 2 + 0.2 * 0.05 ** 2) / 2, rel=1e-5)
-
-
-@pytest.mark.parametrize("algo, epsilon", [("metricrl", "0"), ("metricrl", "1"), ("gcbc", "0"),
-                                           ("td", "0")])
-def test_every_method_learns_from_expert_data_on_a_tiny_map(tmp_path, algo, epsilon):
-    """(and the default, metricrl, from random data)"""
-    env = gridworld.GridWorld(ROOM)
-    m = metricrl.main(["--env", tiny_map(tmp_path), "--algo", algo, "--epsilon", epsilon,
-                       "--steps", "300", "--eval-every", "300", "--episodes", "50",
-                       "--episode-len", "30", "--hidden", "64", "--quiet",
-                       "--out", str(tmp_path / algo)])
-    opt, d = env.optimal_actions(), env.distance_matrix()
-    chance = opt.mean(-1)[d > 0].mean()  # a uniformly random action's optimal-action rate
-    assert m["algo"] == algo and (tmp_path / algo / "metrics.json").exists()
-    assert m["optimal_action_rate"] > chance + 0.2 and m["success_rate"] > 0.3
-    assert np.isnan(m["critic_success_rate"]) == (algo == "gcbc")
-
-
-def test_negative_inverse_trains_and_differs_from_log(tmp_path):
-    runs = {shape: metricrl.main(["--env", tiny_map(tmp_path), "--negative", shape, *TINY,
-                                  "--steps", "300", "--critic-only", "0.9",
-                                  "--out", str(tmp_path / shape)]) for shape in ("log", "inverse")}
-    assert runs["inverse"]["algo"] == "metricrl" and "negative=inverse" in runs["inverse"]["run"]
-    assert runs["inverse"]["spearman"] > 0.8 and runs["log"]["spearman"] > 0.8  # both learn
-    drop = ("seconds", "train_steps_per_s", "algo", "flags")
-    assert ({k: v for k, v in runs["log"].items() if k not in drop} !=
-            {k: v for k, v in runs["inverse"].items() if k not in drop})
-
-
-def test_compare_writes_table_and_figure_and_resumes(tmp_path, capsys):
-    flags = ["--compare", "--env", tiny_map(tmp_path), "--algos", "metricrl,gcbc",
-             "--epsilons", "0,1", "--seeds", "1", *TINY, "--out", str(tmp_path / "cmp")]
-    metricrl.main(flags)
-    table = (tmp_path / "cmp" / "compare.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| room")]
-    assert len(rows) == 4 and all(re.search(r"\| [01]\.\d{3} \|", row) for row in rows)
-    assert "±" not in table  # one seed: no spread to show
-    assert sum(row.count("—") for row in rows) == 4  # gcbc has no critic: 2 rows x 2 columns
-    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0
-    first = {p: p.stat().st_mtime_ns for p in (tmp_path / "cmp").glob("*/metrics.json")}
-    assert len(first) == 4
-    capsys.readouterr()
-    metricrl.main(flags)  # the same grid again: nothing new runs
-    assert "4 done before" in capsys.readouterr().out
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cmp").glob("*/metrics.json")} == first
-    metricrl.main(flags[:-2] + ["--steps", "40", "--out", str(tmp_path / "cmp")])  # new flags
-    assert all(p.stat().st_mtime_ns != first[p] for p in first)
-
-
-def test_readme_exercises_run_as_written(tmp_path):
-    """Every command in the README's Exercises runs (with few steps here)."""
-    text = (Path(HERE) / "README.md").read_text()
-    section = text.split("## Exercises")[1].split("\n## ")[0]
-    commands = [line.strip() for line in section.splitlines()
-                if line.strip().startswith("python metricrl.py ")]
-    assert 6 <= len(re.findall(r"^\d+\. \*\*", section, re.M)) <= 10 and len(commands) >= 8
-    for i, command in enumerate(commands):
-        argv = shlex.split(command)[2:]
-        metrics = metricrl.main([*argv, "--steps", "30", "--eval-every", "30", "--quiet",
-                                 "--out", str(tmp_path / str(i))])
-        assert 0 <= metrics["success_rate"] <= 1, command
-
-
-# ---------------------------------------------------------- assumptions and where they break
-def components(s, s2, n):
-    """Connected components of the data graph (moves as undirected edges)."""
-    label = np.arange(n)
-    while True:
-        low = np.minimum(label[s], label[s2])
-        new = label.copy()
-        np.minimum.at(new, s, low)
-        np.minimum.at(new, s2, low)
-        new = new[new]
-        if (new == label).all():
-            return len(np.unique(label))
-        label = new
-
-
-def test_split_data_never_crosses_and_the_super_state_joins_it():
-    env = GridWorld("rooms")
-    args = Args(episodes=100, episode_len=60, data="split")
-    data = metricrl.collect_dataset(env, args, np.random.default_rng(0))
-    right = 2 * env.cells[:, 1] >= env.width
-    s, s2 = data["s"].numpy(), data["s2"].numpy()
-    assert (right[s] == right[s2]).all() and right[s].any() and (~right[s]).any()
-    assert components(s, s2, len(env.cells)) == 2  # the map is connected, the data is not
-    joined = metricrl.with_super_state(data, args, len(env.cells))
-    assert len(joined["s"]) == len(s) + 100 and (joined["s2"][-100:] == len(env.cells)).all()
-    assert components(joined["s"].numpy(), joined["s2"].numpy(), len(env.cells) + 1) == 1
-    full = metricrl.collect_dataset(env, Args(episodes=100, episode_len=60), np.random.default_rng(0))
-    assert (right[full["s"]] != right[full["s2"]]).any()  # without split, moves do cross
-
-
-def test_quasimetric_head_is_a_quasimetric_and_can_be_asymmetric():
-    torch.manual_seed(0)
-    x, y, w = torch.randn(3, 500, 8)
-    d = lambda a, b: metricrl.latent_distance(a, b, "quasimetric")  # noqa: E731
-    assert torch.allclose(d(x, x), torch.zeros(500)) and (d(x, y) >= 0).all()
-    assert (d(x, w) <= d(x, y) + d(y, w) + 1e-5).all()  # triangle inequality
-    assert (d(x, y) - d(y, x)).abs().max() > 0.1  # not symmetric
-    euclid = metricrl.latent_distance(x, y)
-    assert torch.allclose(euclid, metricrl.latent_distance(y, x))
-    all_pairs = metricrl.pairwise(x[:5], y[:7], "quasimetric")  # (5, 7)
-    assert all_pairs.shape == (5, 7) and torch.allclose(all_pairs[2, 3], d(x[2], y[3]))
-
-
-def test_slip_in_data_and_seeded_rollouts():
-    env = GridWorld("open")
-    rng = lambda: np.random.default_rng(0)  # noqa: E731
-    plain = metricrl.collect_dataset(env, Args(episodes=50), rng())
-    slipped = metricrl.collect_dataset(env, Args(episodes=50, slip=0.3), rng())
-    intended = torch.as_tensor(np.array(env.transitions()))[slipped["s"], slipped["a"]]
-    assert 0.15 < (intended != slipped["s2"]).float().mean() < 0.35
-    t = truth(env)
-    table = t["opt"].float().argmax(-1)  # an optimal policy table
-    exact, _ = metricrl.rollout(table, t["nxt"], 1000)
-    assert exact[t["d"] > 0].all()
-    a, steps_a = metricrl.rollout(table, t["nxt"], 1000, slip=0.3, seed=1)
-    b, steps_b = metricrl.rollout(table, t["nxt"], 1000, slip=0.3, seed=1)
-    assert (a == b).all() and (steps_a == steps_b).all()  # seeded
-    ok = a & (t["d"] > 0)
-    assert (steps_a[ok] > t["d"][ok]).any()  # slips cost steps
-    assert plain["s2"].shape == slipped["s2"].shape
-
-
-def constrained_distances(layout, seed=0):
-    """The constrained objective's distances (critic only, 1,500 steps) and BFS's."""
-    env = GridWorld(layout)
-    args = Args(episodes=40, episode_len=30, steps=1500, critic_only=0.99, eval_every=1500,
-                hidden=64, lr=1e-2, objective="constrained", metric="quasimetric")
-    torch.manual_seed(seed)
-    data = metricrl.collect_dataset(env, args, np.random.default_rng(seed))
-    x, critic, actor = metricrl.build(env, args, "cpu")
-    metricrl.train(data, x, critic, actor, args, dict, lambda row: None)
-    dz = metricrl.critic_distances(critic, x, args)
-    return dz, torch.as_tensor(np.array(env.distance_matrix())).float()
-
-
-def test_constrained_objective_learns_bfs_distances_on_a_tiny_map():
-    """Push apart subject to d(s -> s') <= 1: with a quasimetric the optimum is BFS."""
-    dz, d = constrained_distances("#####\n#...#\n#...#\n#####")  # a 2 x 3 room
-    assert (dz - d).abs().max() < 0.1
-
-
-def test_constrained_objective_approaches_bfs_with_a_one_way_cell():
-    """On the one-way ring it gets near, not onto, BFS in 1,500 steps (see README)."""
-    dz, d = constrained_distances(ONE_WAY_RING)
-    assert (dz - d).abs().mean() < 0.1 and (dz - d).abs().max() < 0.6
-    assert dz[0, 2] < dz[2, 0] - 3  # the long way back (2 against 6) is learned
-    assert metricrl.spearman(dz[d > 0], d[d > 0].double()) > 0.95
-
-
-def exact_distances(layout, seed=0, steps=600):
-    """--critic exact's distances (critic only) and BFS's; after the data is collected, the map's
-    BFS answers raise: the critic learns from the data's moves alone."""
-    env = GridWorld(layout)
-    args = Args(critic="exact", episodes=40, episode_len=30, steps=steps, critic_only=0.99,
-                eval_every=steps, hidden=16)
-    torch.manual_seed(seed)
-    data = metricrl.collect_dataset(env, args, np.random.default_rng(seed))
-    d = torch.as_tensor(np.array(env.distance_matrix())).float()
-    x, critic, actor = metricrl.build(env, args, "cpu")
-    for name in ("distance_matrix", "optimal_actions", "transitions"):
-        setattr(env, name, lambda: pytest.fail("the critic read the BFS truth"))
-    metricrl.train(data, x, critic, actor, args, dict, lambda row: None)
-    return metricrl.critic_distances(critic, x, args), d
-
-
-@pytest.mark.parametrize("layout", [RING, "#####\n#...#\n#...#\n#####", ONE_WAY_RING])
-def test_exact_critic_learns_bfs_distances(layout):
-    """On a ring, a room and a ring with a one-way cell: within 0.1 of BFS on every pair."""
-    dz, d = exact_distances(layout)
-    assert (dz - d).abs().max() < 0.1
-
-
-def test_exact_critic_is_a_quasimetric_one_coordinate_per_cell():
-    """d_phi = max_c relu(z_c(s) - z_c(g)) on k = N coordinates: 0 on the diagonal, the triangle
-    inequality for any z, and the long way back round the one-way ring."""
-    dz, d = exact_distances(ONE_WAY_RING, steps=300)
-    assert dz.shape == d.shape and (dz.diagonal() == 0).all()
-    z = torch.randn(6, 6)
-    t = metricrl.pairwise(z, z, "max-relu")
-    assert (t[:, :, None] <= t[:, None, :] + t.T[None, :, :] + 1e-6).all()  # d(a,c) <= d(a,b)+d(b,c)
-    assert dz[0, 2] < dz[2, 0] - 3  # 2 steps one way, 6 back
-    no_moves = torch.zeros(3, 3)  # data without a move between two cells: a loss, not nan
-    loss, _ = metricrl.exact_loss(torch.randn(3, 3), (no_moves, no_moves), torch.ones(()))
-    assert torch.isfinite(loss)
-
-
-def test_distance_error_is_zero_for_the_bfs_table_and_measures_an_offset():
-    env = GridWorld("rooms")
-    t = truth(env)
-    x = metricrl.build(env, Args(), "cpu")[0]
-    d = t["d"].float()
-    exact = metricrl.evaluate(d, TableActor(t["opt"].float()), x, t)
-    assert exact["distance_error"] == 0 and exact["distance_error_max"] == 0
-    off = d + 0.25 * (d > 0)  # every pair a quarter step too far: the same greedy policy
-    off[0, 1] += 2  # one pair far off
-    off = metricrl.evaluate(off, TableActor(t["opt"].float()), x, t)
-    n = (d > 0).sum().item()
-    assert off["distance_error"] == pytest.approx(0.25 + 2 / n) and off["distance_error_max"] == 2.25
-
-
-def test_assumptions_writes_every_row_and_resumes(tmp_path, capsys):
-    flags = ["--assumptions", "--seeds", "1", "--steps", "20", "--eval-every", "20",
-             "--episodes", "10", "--hidden", "16", "--quiet", "--out", str(tmp_path / "a")]
-    metricrl.main(flags)
-    table = (tmp_path / "a" / "assumptions.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
-    assert len(rows) == 1 + len(metricrl.ASSUMPTIONS)  # header + one row per variant
-    assert (tmp_path / "a" / "assumptions.png").stat().st_size > 0
-    distinct = {tuple((k, v) for k, v in flags.items() if v != getattr(Args(), k))
-                for _, flags in metricrl.ASSUMPTIONS}  # slip 0 is the default run
-    assert len(list((tmp_path / "a").glob("*/metrics.json"))) == len(distinct)
-    capsys.readouterr()
-    metricrl.main(flags)
-    assert f"{len(metricrl.ASSUMPTIONS)} done before" in capsys.readouterr().out
-
-
-# ----------------------------------------------------------- the command line under real use
 def test_help_lists_every_knob_with_its_comment(capsys):
     with pytest.raises(SystemExit) as exit_info:
         metricrl.main(["--help"])
     out = capsys.readouterr().out
     assert exit_info.value.code == 0 and "--super-state" in out and "(default: 2600)" in out
     assert "behaviour: random action with this probability" in out  # Args' comment on epsilon
+
+
+def test_a_knob_without_a_comment_still_has_a_flag():
+    """A student adds a knob and forgets its comment: --help and parsing still work."""
+    @dataclasses.dataclass
+    class MoreArgs(Args):
+        width_scale: float = 1.0
+    args, given = metricrl.parse_args(["--width-scale", "2", "--steps", "7"], MoreArgs)
+    assert args.width_scale == 2.0 and args.steps == 7 and given == {"width_scale", "steps"}
+    with pytest.raises(SystemExit) as exit_info:
+        metricrl.parse_args(["--help"], MoreArgs)
+    assert exit_info.value.code == 0
 
 
 def test_default_folder_names_what_differs_from_the_defaults(tmp_path, monkeypatch):
@@ -940,7 +1155,7 @@ def test_default_folder_names_what_differs_from_the_defaults(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     for eps in ("0", "1"):  # the second run does not replace the first
         metricrl.main(["--env", tiny_map(tmp_path), *TINY, "--epsilon", eps])
-    data, rest = "episodes=20-episode-len=30", "hidden=32-steps=60-batch-size=64-eval-every=30"  # TINY
+    data, rest = "episodes=20-episode-len=30", "hidden=32-steps=60-batch-size=64-eval-every=30"
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
         f"room-metricrl-{data}-epsilon=0-{rest}-s0", f"room-metricrl-{data}-{rest}-s0"]
 
@@ -964,89 +1179,35 @@ def test_a_second_run_into_a_folder_replaces_every_file(tmp_path):
     saved = json.loads((out / "metrics.json").read_text())
     ckpt = torch.load(out / "model.pt", weights_only=True)
     assert saved["algo"] == ckpt["args"]["algo"] == "gcbc" and ckpt["args"]["steps"] == 30
-    assert (out / "log.csv").read_text().count("\n") == 2 and sorted(p.name for p in out.iterdir()) \
-        == ["log.csv", "metricrl.png", "metrics.json", "model.pt"]
+    assert (out / "log.csv").read_text().count("\n") == 2
+    assert sorted(p.name for p in out.iterdir()) == list(sorted(metricrl.OUTPUTS))
 
 
-def test_a_damaged_metrics_json_is_run_again(tmp_path, capsys):
-    flags = ["--compare", "--env", tiny_map(tmp_path), "--algos", "gcbc", "--epsilons", "1",
-             "--seeds", "1", *TINY, "--out", str(tmp_path / "c")]
-    metricrl.main(flags)
-    saved = next((tmp_path / "c").glob("*/metrics.json"))
-    for damage in ("[]", "null", '{"flags": 3}', "{", ""):  # what a crash or an editor leaves
-        saved.write_text(damage)
-        capsys.readouterr()
-        metricrl.main(flags)
-        assert "0 done before" in capsys.readouterr().out
-        assert json.loads(saved.read_text())["algo"] == "gcbc"
+def shell(script, args, tmp_path, **kw):
+    """A script in a subprocess, as a user's shell would start it."""
+    return subprocess.Popen([sys.executable, os.path.join(HERE, script), *args], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
 def test_two_runs_at_once_into_one_folder_never_mix(tmp_path):
-    runs = [shell(["--env", tiny_map(tmp_path), *TINY, "--algo", algo, "--out", "d"], tmp_path)
-            for algo in ("metricrl", "gcbc")]
+    runs = [shell("metricrl.py", ["--env", tiny_map(tmp_path), *TINY, "--algo", algo, "--out", "d"],
+                  tmp_path) for algo in ("metricrl", "gcbc")]
     assert [run.wait(timeout=120) for run in runs] == [0, 0]
     saved = json.loads((tmp_path / "d" / "metrics.json").read_text())
     ckpt = torch.load(tmp_path / "d" / "model.pt", weights_only=True)
     log = (tmp_path / "d" / "log.csv").read_text()
     assert saved["algo"] == ckpt["args"]["algo"] and ckpt["history"][-1]["step"] == 60
     assert ("critic_loss" in log) == (saved["algo"] == "metricrl")  # gcbc logs no critic loss
-    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [
-        "log.csv", "metricrl.png", "metrics.json", "model.pt"]
-
-
-def shell(args, tmp_path, **kw):
-    """metricrl.py in a subprocess, as a user's shell would start it."""
-    return subprocess.Popen([sys.executable, os.path.join(HERE, "metricrl.py"), *args], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == list(sorted(metricrl.OUTPUTS))
 
 
 def test_a_closed_stdout_does_not_stop_the_run(tmp_path):
     """python metricrl.py ... | head -1: the run goes on and saves its results."""
-    run = shell(["--env", tiny_map(tmp_path), *TINY[:-1], "--out", "p"], tmp_path)
+    run = shell("metricrl.py", ["--env", tiny_map(tmp_path), *TINY[:-1], "--out", "p"], tmp_path)
     run.stdout.readline()
     run.stdout.close()  # what head does after one line
     assert run.wait(timeout=120) == 0 and "Traceback" not in run.stderr.read()
     assert (tmp_path / "p" / "metrics.json").exists()
-
-
-def test_a_console_that_cannot_show_epsilon(tmp_path):
-    """A non-UTF-8 console (Windows' cp1252, LC_ALL=C): files are UTF-8, the output replaces."""
-    env = {**os.environ, "PYTHONIOENCODING": "ascii", "LC_ALL": "C", "PYTHONUTF8": "0"}
-    run = shell(["--compare", "--env", tiny_map(tmp_path), "--algos", "gcbc", "--epsilons", "1",
-                 "--seeds", "1", *TINY, "--out", "c"], tmp_path, env=env)
-    out, err = run.communicate(timeout=120)
-    assert run.returncode == 0 and "Traceback" not in err and "\\u03b5" in out
-    assert "| env | method | ε |" in (tmp_path / "c" / "compare.md").read_text(encoding="utf-8")
-
-
-@pytest.mark.skipif(sys.platform == "win32", reason="no SIGINT to a child process on Windows")
-def test_ctrl_c_in_a_sweep_says_how_to_resume(tmp_path):
-    flags = ["--compare", "--env", tiny_map(tmp_path), "--algos", "metricrl,gcbc", "--epsilons",
-             "0,1", "--seeds", "2", *TINY, "--out", "c"]
-    run = shell(flags, tmp_path)
-    run.stdout.readline(), run.stdout.readline()  # the header, then the first run's line
-    run.send_signal(signal.SIGINT)
-    _, err = run.communicate(timeout=120)
-    assert run.returncode == 130 and err.count("\n") == 1 and "resumes" in err
-    resumed = shell(flags, tmp_path)
-    assert resumed.wait(timeout=120) == 0 and " 0 done before" not in resumed.stdout.readline()
-
-
-def test_gridworld_rejects_bad_actions_options_and_layouts():
-    env = GridWorld("open")
-    env.reset(seed=0)
-    for action in (4, -1, 1.7, "x", np.array([1, 2])):
-        with pytest.raises(ValueError, match="action must be one integer"):
-            env.step(action)
-    env.step(np.int64(2))  # what action_space.sample() gives
-    for options, error in (({"begin": (1, 1)}, ValueError), ({"start": (1,)}, ValueError),
-                           ({"start": "ab"}, ValueError), ({"start": (1.5, 2)}, TypeError)):
-        with pytest.raises(error, match="start|cells must be integer"):
-            env.reset(options=options)
-    with pytest.raises(TypeError, match="layout must be a name, a path or map text, got int"):
-        GridWorld(123)
-    with pytest.raises(ValueError, match="slip must be a number in"):
-        GridWorld("open", slip="x")
 
 
 def test_agent_act_rejects_cells_of_the_wrong_type_or_shape(tmp_path):
@@ -1057,3 +1218,119 @@ def test_agent_act_rejects_cells_of_the_wrong_type_or_shape(tmp_path):
     with pytest.raises(ValueError, match=r"shape \(2,\) or \(B, 2\)"):
         agent.act(np.ones((2, 3), dtype=int), [[1, 1]])
     assert agent.act([[1, 1], [3, 5]], [3, 5]).shape == (2,)  # one goal for both states
+
+
+# ===================================================================== experiments.py
+def test_compare_writes_table_and_figure_and_resumes(tmp_path, capsys):
+    flags = ["--compare", "--env", tiny_map(tmp_path), "--algos", "metricrl,gcbc",
+             "--epsilons", "0,1", "--seeds", "1", *TINY, "--out", str(tmp_path / "cmp")]
+    experiments.main(flags)
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| room")]
+    assert len(rows) == 4 and all(re.search(r"\| [01]\.\d{3} \|", row) for row in rows)
+    assert "±" not in table  # one seed: no spread to show
+    assert sum(row.count("—") for row in rows) == 4  # gcbc has no critic: 2 rows x 2 columns
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0
+    first = {p: p.stat().st_mtime_ns for p in (tmp_path / "cmp").glob("*/metrics.json")}
+    assert len(first) == 4
+    assert {p.parent.name for p in first} == {  # each row's knobs
+        "room-metricrl-epsilon=0-s0", "room-metricrl-s0", "room-gcbc-epsilon=0-s0", "room-gcbc-s0"}
+    assert all(json.loads(p.read_text())["flags"]["steps"] == 60 for p in first)  # and all's
+    capsys.readouterr()
+    experiments.main(flags)  # the same grid again: nothing new runs
+    assert "4 done before" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cmp").glob("*/metrics.json")} == first
+    experiments.main(flags[:-2] + ["--steps", "40", "--out", str(tmp_path / "cmp")])  # new flags
+    assert all(p.stat().st_mtime_ns != first[p] for p in first)
+
+
+def test_compare_rows_are_every_map_method_and_epsilon(tmp_path):
+    (tmp_path / "ring.txt").write_text(RING)
+    envs = f"open,{tmp_path / 'ring.txt'}"
+    args = experiments.SweepArgs(algos="gcbc, td,gcbc", epsilons="1,.5", envs=envs)
+    rows = experiments.compare_rows(args)
+    assert [label for label, _ in rows] == [
+        ("open", "gcbc", "1"), ("open", "gcbc", "0.5"), ("open", "td", "1"), ("open", "td", "0.5"),
+        ("ring", "gcbc", "1"), ("ring", "gcbc", "0.5"), ("ring", "td", "1"), ("ring", "td", "0.5")]
+    assert rows[2][1] == {"env": "open", "algo": "td", "epsilon": 1.0}
+
+
+def test_assumptions_writes_every_row_and_resumes(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(metricrl, "plot_run", no_figure)
+    flags = ["--assumptions", "--seeds", "1", "--steps", "20", "--eval-every", "20",
+             "--episodes", "10", "--hidden", "16", "--quiet", "--out", str(tmp_path / "a")]
+    experiments.main(flags)
+    table = (tmp_path / "a" / "assumptions.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assumptions = experiments.assumption_rows()
+    assert len(rows) == 1 + len(assumptions)  # header + one row per variant
+    assert (tmp_path / "a" / "assumptions.png").stat().st_size > 0
+    distinct = {tuple((k, v) for k, v in knobs.items() if v != getattr(Args(), k))
+                for _, knobs in assumptions}  # slip 0 is the default run
+    folders = {p.parent.name for p in (tmp_path / "a").glob("*/metrics.json")}
+    assert len(folders) == len(distinct)
+    assert {"oneway-metricrl-metric=quasimetric-s0", "rooms-metricrl-data=split-super-state-s0",
+            "maze25-metricrl-metric=quasimetric-objective=constrained-s0"} <= folders
+    capsys.readouterr()
+    experiments.main(flags)
+    assert f"{len(assumptions)} done before" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--compare", "--algos", "metricrl,sac"], "--algos: unknown 'sac'"),
+    (["--compare", "--algos", ","], "--algos: unknown ''"),
+    (["--compare", "--epsilons", "0,x"], "--epsilons must be numbers in [0, 1]"),
+    (["--compare", "--algos", "metricrl,metricrl-cosh"], "--algos: unknown 'metricrl-cosh'"),
+    (["--compare", "--epsilons", "0,2"], "--epsilons must be numbers in [0, 1], got '0,2'"),
+    (["--compare", "--load", "x.pt"], "--compare trains its own runs: drop --load"),
+    (["--assumptions", "--load", "x.pt"], "--assumptions trains its own runs"),
+    (["--compare", "--critic", "exact"], "--critic: --compare sets it in each row"),
+    (["--compare", "--algo", "td"], "--algo: --compare sets it in each row"),
+    (["--assumptions", "--critic", "exact"], "--critic: --assumptions sets it in each row"),
+    (["--assumptions", "--env", "rooms"], "--env: --assumptions sets it in each row"),
+    (["--compare", "--envs", "maze,castle"], "unknown layout 'castle'"),
+    (["--compare", "--algos", "td", "--gamma", "1"], "td (--algo td, or in --algos) needs --gamma"),
+    (["--compare", "--assumptions"], "--compare and --assumptions are two modes"),
+    (["--steps", "5"], "give --compare or --assumptions"),
+    (["--compare", "--seeds", "0"], "--seeds must be positive, got 0"),
+    (["--compare", "--steps", "0"], "--steps must be positive"),
+])
+def test_bad_sweep_input_exits_2_with_one_line(tmp_path, capsys, flags, message):
+    assert_one_line_error(experiments.main, tmp_path, capsys, flags, message)
+
+
+def test_a_damaged_metrics_json_is_run_again(tmp_path, capsys):
+    flags = ["--compare", "--env", tiny_map(tmp_path), "--algos", "gcbc", "--epsilons", "1",
+             "--seeds", "1", *TINY, "--out", str(tmp_path / "c")]
+    experiments.main(flags)
+    saved = next((tmp_path / "c").glob("*/metrics.json"))
+    for damage in ("[]", "null", '{"flags": 3}', "{", ""):  # what a crash or an editor leaves
+        saved.write_text(damage)
+        capsys.readouterr()
+        experiments.main(flags)
+        assert "0 done before" in capsys.readouterr().out
+        assert json.loads(saved.read_text())["algo"] == "gcbc"
+
+
+def test_a_console_that_cannot_show_epsilon(tmp_path):
+    """A non-UTF-8 console (Windows' cp1252, LC_ALL=C): files are UTF-8, the output replaces."""
+    env = {**os.environ, "PYTHONIOENCODING": "ascii", "LC_ALL": "C", "PYTHONUTF8": "0"}
+    run = shell("experiments.py", ["--compare", "--env", tiny_map(tmp_path), "--algos", "gcbc",
+                                   "--epsilons", "1", "--seeds", "1", *TINY, "--out", "c"],
+                tmp_path, env=env)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 0 and "Traceback" not in err and "\\u03b5" in out
+    assert "| env | method | ε |" in (tmp_path / "c" / "compare.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no SIGINT to a child process on Windows")
+def test_ctrl_c_in_a_sweep_says_how_to_resume(tmp_path):
+    flags = ["--compare", "--env", tiny_map(tmp_path), "--algos", "metricrl,gcbc", "--epsilons",
+             "1", "--seeds", "2", *TINY, "--out", "c"]
+    run = shell("experiments.py", flags, tmp_path)
+    run.stdout.readline(), run.stdout.readline()  # the header, then the first run's line
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130 and err.count("\n") == 1 and "resumes" in err
+    resumed = shell("experiments.py", flags, tmp_path)
+    assert resumed.wait(timeout=120) == 0 and " 0 done before" not in resumed.stdout.readline()

@@ -1,0 +1,275 @@
+"""The README's sweeps, each a grid of metricrl.py runs: --compare (methods x data qualities
+x maps) and --assumptions (runs where one of MetricRL's assumptions breaks, and its fixes).
+
+    python experiments.py --compare --env maze     # 60 runs: compare.md and compare.png
+    python experiments.py --assumptions            # 54 runs: assumptions.md and .png
+    python experiments.py --help                   # a run's knobs and the sweeps' own
+
+Each row runs --seeds times (from --seed on), each run into its own folder; a sweep started
+again reads the runs it finished back and runs the rest. The knobs a sweep does not set in a
+row are passed to every run (--steps 400, say). This file imports metricrl; metricrl never
+imports it."""
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+import metricrl
+from metricrl import Args, UsageError, say
+
+
+@dataclasses.dataclass
+class SweepArgs(Args):  # a run's knobs, and the sweeps' own: each comment is its --help text
+    compare: bool = False  # run methods x data qualities, write compare.md and compare.png
+    algos: str = "metricrl,metricrl-linear,gcbc,td"  # --compare: + metricrl-exact/bfs/inverse/raw
+    epsilons: str = "0,0.25,0.5,0.75,1"  # --compare: behaviour epsilons
+    envs: str = ""  # --compare: maps (default: --env)
+    assumptions: bool = False  # runs where each assumption breaks: assumptions.md, .png
+    seeds: int = 3  # seeds per row, from --seed on
+
+
+@dataclasses.dataclass
+class Sweep:
+    """What a sweep's table shows, and which knobs its rows set."""
+    labels: tuple  # the columns that name a row
+    columns: tuple  # the metrics shown, mean ± std over the seeds
+    knobs: tuple  # the knobs a row sets; a row that does not set one runs its default
+
+
+SWEEPS = {
+    "compare": Sweep(("env", "method", "ε"),
+                     ("success_rate", "path_ratio", "optimal_action_rate",
+                      "critic_success_rate", "distance_error", "seconds"),
+                     ("env", "algo", "weighting", "negative", "critic", "epsilon")),
+    "assumptions": Sweep(("experiment", "map", "variant"),
+                         ("success_rate", "path_ratio", "optimal_action_rate",
+                          "value_greedy_rate", "critic_success_rate", "spearman"),
+                         ("env", "algo", "weighting", "negative", "critic", "metric",
+                          "objective", "slip", "data", "super_state")),
+}
+VARIANTS = {  # --algos: a method's name in --compare, and the knobs that make it
+    "metricrl": {}, "metricrl-linear": {"weighting": "linear"},
+    "gcbc": {"algo": "gcbc"}, "td": {"algo": "td"},
+    "metricrl-inverse": {"negative": "inverse"}, "metricrl-raw": {"negative": "raw"},
+    "metricrl-bfs": {"critic": "bfs"}, "metricrl-exact": {"critic": "exact"},
+}
+
+
+def assumption_rows():
+    """--assumptions' rows, ((experiment, map, variant), knobs): each assumption broken, with
+    the fix the paper or the literature offers, on the maps where it matters."""
+    rows = []
+    for env in ("oneway", "maze"):  # one-way doors: no inverse action
+        rows.append((("invertible actions", env, "euclidean"), {"env": env}))
+        rows.append((("invertible actions", env, "quasimetric"),
+                     {"env": env, "metric": "quasimetric"}))
+    for p in (0, 0.1, 0.3):
+        rows.append((("deterministic moves", "maze", f"slip {p:g}"), {"slip": p}))
+    split = {"env": "rooms", "data": "split"}
+    rows.append((("connected data", "rooms", "all data"), {"env": "rooms"}))
+    rows.append((("connected data", "rooms", "split"), split))
+    rows.append((("connected data", "rooms", "split + super-state"),
+                 {**split, "super_state": True}))
+    constrained = {"objective": "constrained", "metric": "quasimetric"}
+    for env in ("maze", "rooms", "oneway", "maze25"):
+        rows.append((("the objective", env, "paper's loss"), {"env": env}))
+        rows.append((("the objective", env, "constrained"), {"env": env, **constrained}))
+    return rows
+
+
+def listed(text):
+    """A comma-separated flag's values, stripped, each once, in order."""
+    values = [value.strip() for value in text.split(",")]
+    return list(dict.fromkeys(value for value in values if value))
+
+
+def compare_rows(args):
+    """--compare's rows, ((map, method, epsilon), knobs): every map x method x epsilon."""
+    algos = listed(args.algos)
+    unknown = [name for name in algos if name not in VARIANTS]
+    if unknown or not algos:
+        name = unknown[0] if unknown else ""
+        raise UsageError(f"--algos: unknown {name!r}; choose from {', '.join(VARIANTS)}")
+    epsilons = []
+    for text in listed(args.epsilons):
+        if not re.fullmatch(r"\d+\.?\d*|\.\d+", text) or float(text) > 1:
+            raise UsageError(f"--epsilons must be numbers in [0, 1], got {args.epsilons!r}")
+        epsilons.append(float(text))
+    if not epsilons:
+        raise UsageError(f"--epsilons must be numbers in [0, 1], got {args.epsilons!r}")
+    envs = listed(args.envs) or [args.env]
+    for env in envs:  # a bad map fails now, not in an hour
+        metricrl.setup(dataclasses.replace(args, env=env))
+    rows = []
+    for env in envs:
+        map_name = os.path.splitext(os.path.basename(env))[0]
+        for name in algos:
+            for eps in dict.fromkeys(epsilons):
+                knobs = {"env": env, **VARIANTS[name], "epsilon": eps}
+                rows.append(((map_name, name, f"{eps:g}"), knobs))
+    return rows
+
+
+def check_sweep(args, given):
+    """Raise UsageError for a flag the sweep cannot honour."""
+    metricrl.check_args(args)
+    metricrl.require(args, "seeds", args.seeds > 0, "positive")
+    if args.compare and args.assumptions:
+        raise UsageError("--compare and --assumptions are two modes: use one")
+    if not (args.compare or args.assumptions):
+        raise UsageError("give --compare or --assumptions (one run: python metricrl.py)")
+    mode = "compare" if args.compare else "assumptions"
+    if args.load:
+        raise UsageError(f"--{mode} trains its own runs: drop --load")
+    per_row = set(SWEEPS[mode].knobs)
+    if mode == "compare":
+        per_row.discard("env")  # --compare's map, unless --envs lists several
+    clash = sorted(given & per_row)
+    if clash:
+        raise UsageError(f"--{clash[0].replace('_', '-')}: --{mode} sets it in each row")
+
+
+def run_args(args, **knobs):
+    """The run's knobs of a sweep's args (the sweep's own left out), with `knobs` changed."""
+    fields = {field.name: getattr(args, field.name) for field in dataclasses.fields(Args)}
+    return dataclasses.replace(Args(**fields), **knobs)
+
+
+def sweep(args):
+    """--compare or --assumptions: each row's runs, a line each, then the table and figure."""
+    name = "compare" if args.compare else "assumptions"
+    rows = assumption_rows()
+    root = args.out or os.path.join("runs", name)
+    if args.compare:
+        rows = compare_rows(args)
+        maps = dict.fromkeys(label[0] for label, _ in rows)
+        root = args.out or os.path.join("runs", "-".join([name, *maps]))
+    defaults = {knob: getattr(Args(), knob) for knob in SWEEPS[name].knobs}
+    base = run_args(args, **defaults, quiet=True)  # the knobs every row starts from
+    cells = []
+    for label, knobs in rows:
+        for seed in range(args.seed, args.seed + args.seeds):
+            cell = dataclasses.replace(base, **knobs, seed=seed)
+            metricrl.check_args(cell)
+            cell.out = os.path.join(root, metricrl.run_name(cell, base))
+            cells.append((label, cell))
+    done = sum(finished(cell) is not None for _, cell in cells)
+    say(f"--{name}: {len(cells)} runs in {root}, {done} done before")
+    results = {}
+    for k, (label, cell) in enumerate(cells, 1):
+        metrics = finished(cell) or dict(metricrl.run(cell), fresh=True)
+        results.setdefault(label, []).append(metrics)
+        say(run_line(k, len(cells), cell, metrics))
+    table = sweep_table(args, SWEEPS[name], results, metrics["device"])
+    with metricrl.staged(root, (f"{name}.md", f"{name}.png")) as tmp:
+        with open(os.path.join(tmp, f"{name}.md"), "w", encoding="utf-8") as f:
+            f.write(table + "\n")
+        sweep_plot(os.path.join(tmp, f"{name}.png"), name, SWEEPS[name].labels, results)
+    say(table)
+    say(f"wrote {os.path.join(root, name)}.md and {name}.png")
+    return results
+
+
+def finished(cell):
+    """The metrics.json of a finished run with the same knobs (output aside), or None."""
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError, AttributeError):
+        with open(os.path.join(cell.out, "metrics.json"), encoding="utf-8") as f:
+            metrics = json.load(f)
+        saved = {**dataclasses.asdict(Args()), **metrics["flags"]}  # knobs added since: default
+        for key in ("out", "device", "quiet"):  # where and how verbosely: the same result
+            saved[key] = getattr(cell, key)
+        same = all(saved[key] == value for key, value in dataclasses.asdict(cell).items())
+        if same and metrics["success_rate"] >= 0:
+            return metrics
+    return None
+
+
+def run_line(k, total, cell, metrics):
+    """A sweep's progress line for its k-th run."""
+    scores = (f"success {metrics['success_rate']:.3f}  "
+              f"critic success {metrics['critic_success_rate']:.3f}").replace("nan", "  —")
+    left = "done before"
+    if "fresh" in metrics:
+        left = f"about {(total - k) * metrics['seconds'] / 60:.1f} min left"
+    folder = os.path.basename(cell.out)
+    return f"[{k:3d}/{total}] {folder:40s} {scores}  {metrics['seconds']:5.1f} s | {left}"
+
+
+def mean_std(runs, key):
+    """Mean and std of a metric over the seeds' runs, leaving out runs without it (nan)."""
+    values = np.array([run.get(key, math.nan) for run in runs])
+    values = values[~np.isnan(values)]
+    if len(values) == 0:
+        return math.nan, math.nan
+    return values.mean(), values.std()
+
+
+def table_cell(column, runs, seeds):
+    """A table's cell: mean ± std over the seeds (seconds: the mean alone), or — if none."""
+    mean, std = mean_std(runs, column)
+    if math.isnan(mean):
+        return "—"
+    if column == "seconds":
+        return f"{mean:.1f}"
+    if seeds > 1:
+        return f"{mean:.3f} ± {std:.3f}"
+    return f"{mean:.3f}"
+
+
+def sweep_table(args, sweep_kind, results, device):
+    """The Markdown table: a line saying how it was made, then a row per label."""
+    made = f"Steps {args.steps}, {args.seeds} seed(s)"
+    if args.seeds > 1:
+        made += ", mean ± std"
+    made += f"; {os.cpu_count()} CPU cores, torch {torch.__version__}, device {device}."
+    header = sweep_kind.labels + sweep_kind.columns
+    lines = [made, "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for label, runs in results.items():
+        cells = [table_cell(column, runs, args.seeds) for column in sweep_kind.columns]
+        lines.append("| " + " | ".join([*label, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def sweep_plot(path, name, labels, results):
+    """A bar per row, the actor's success (mean ± std over seeds); a diamond, its critic's.
+    The rows are grouped, with a gap and a colour, by the first label that varies."""
+    rows = list(results)[::-1]  # top to bottom
+    varies = [i for i in range(len(labels)) if len({row[i] for row in rows}) > 1]
+    by = varies[0] if varies else 0
+    groups = list(dict.fromkeys(row[by] for row in rows))
+    gaps = np.cumsum([0] + [a[by] != b[by] for a, b in zip(rows, rows[1:])])
+    at = np.arange(len(rows)) + gaps  # (R,) each row's place, a gap between groups
+    success = [mean_std(results[row], "success_rate") for row in rows]
+    critic = [mean_std(results[row], "critic_success_rate")[0] for row in rows]
+    fig = Figure(figsize=(10, 1.4 + 0.3 * at[-1]), layout="constrained")
+    ax = fig.subplots()
+    colors = [f"C{groups.index(row[by])}" for row in rows]
+    ax.barh(at, [mean for mean, _ in success], xerr=[std for _, std in success], capsize=3,
+            ecolor="0.5", color=colors)
+    ax.plot(critic, at, "kD", ms=6, label="its critic's own greedy policy (mean)")
+    ax.set_yticks(at, [" · ".join(row) for row in rows], fontsize=8)
+    ax.set(xlim=(0, 1.02), xlabel=f"success over all pairs ({' · '.join(labels)})",
+           title=f"--{name}: the actor's success (bars: mean ± std over seeds)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.savefig(path, dpi=80)
+
+
+def main(argv=None):
+    """The command line: python experiments.py --compare|--assumptions [knobs]."""
+    metricrl.replace_unknown_characters()
+    try:
+        args, given = metricrl.parse_args(argv, SweepArgs, "experiments.py", __doc__)
+        check_sweep(args, given)
+        return sweep(args)
+    except (UsageError, FloatingPointError, KeyboardInterrupt) as e:
+        metricrl.exit_with_one_line("experiments.py", e)
+
+
+if __name__ == "__main__":
+    main()

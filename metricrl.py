@@ -1,14 +1,11 @@
 """MetricRL (Reichlin et al., arXiv 2402.10820) on a gridworld, measured exactly against BFS.
 
-    python metricrl.py --env maze                 # one run, on the CPU or a GPU (--device auto)
-    python metricrl.py --env maze --device cuda   # on the GPU
-    python metricrl.py --help                     # every knob
-    python experiments.py --compare --env maze    # the README's sweeps (experiments.py)
+    python metricrl.py --env maze [--device cuda]   # one run; --help lists every knob
+    python experiments.py --compare --env maze      # the README's sweeps
 
-Read it top to bottom beside the paper. Sections 1-7 are the method in the paper's order:
-data, critic, value and advantage, actor, baselines, training, exact evaluation. Sections 8-10:
-one run end to end, its figure, checkpoints and the command line. To add a layer to phi, see
-build_critic(); to add a map, gridworld.LAYOUTS (or pass a text file to --env).
+Read it beside the paper. Sections 1-7, the method in the paper's order: data, critic, value
+and advantage, actor, baselines, training, exact evaluation; 8-10: one run, its figure, the
+command line. A layer for phi: build_critic(); a map: gridworld.LAYOUTS, or a file for --env.
 Shapes: N free cells, M transitions, B batch, F features per cell, k latent size."""
 import argparse
 import contextlib
@@ -23,7 +20,7 @@ import re
 import shutil
 import sys
 import time
-import typing
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -32,34 +29,32 @@ from matplotlib.figure import Figure
 
 import gridworld
 
-NEGATIVES = ("log", "inverse", "raw")  # shapes of the critic's push, see push()
-
 
 @dataclasses.dataclass
 class Args:  # each knob's comment is its --help text
     env: str = "maze"  # open, rooms, maze, loops, oneway, maze<N> (odd N >= 7), or a map file
-    algo: typing.Literal["metricrl", "gcbc", "td"] = "metricrl"  # or a baseline: gcbc, td
+    algo: Literal["metricrl", "gcbc", "td"] = "metricrl"  # or a baseline: gcbc, td
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     seed: int = 0  # seeds the data and the networks (the evaluation is exact)
     episodes: int = 0  # offline trajectories; 0: 200 per 128 cells of the map
     episode_len: int = 100  # steps per trajectory
     epsilon: float = 1.0  # behaviour: random action with this probability, else an optimal one
-    features: typing.Literal["onehot", "xy"] = "onehot"  # state features
+    features: Literal["onehot", "xy"] = "onehot"  # state features
     slip: float = 0.0  # probability that a move slips to another direction (data, rollouts)
-    data: typing.Literal["all", "split"] = "all"  # split: the map's halves collected apart
+    data: Literal["all", "split"] = "all"  # split: the map's halves collected apart
     super_state: bool = False  # join every trajectory's end to one virtual state
     latent: int = 32  # k, the size of the embedding phi(s)
     hidden: int = 128  # width of the hidden layers of phi and pi
-    critic: typing.Literal["paper", "exact", "bfs"] = "paper"  # exact: learns d; bfs: an oracle
+    critic: Literal["paper", "exact", "bfs"] = "paper"  # exact: learns d; bfs: an oracle
     lam: float = 1.0  # lambda, weight of the negative (push) term
-    metric: typing.Literal["euclidean", "quasimetric"] = "euclidean"  # d_phi, or asymmetric
-    objective: typing.Literal["paper", "constrained"] = "paper"  # constrained: d(s, s') <= 1
-    negative: typing.Literal[NEGATIVES] = "log"  # the push: -log d (the paper), 1/d, -d
+    metric: Literal["euclidean", "quasimetric"] = "euclidean"  # d_phi, or asymmetric
+    objective: Literal["paper", "constrained"] = "paper"  # constrained: d(s, s') <= 1
+    negative: Literal["log", "inverse", "raw"] = "log"  # the push: -log d (the paper), 1/d, -d
     gamma: float = 0.99  # discount in V(s, g) = gamma^d(s, g)
-    weighting: typing.Literal["exp", "linear"] = "exp"  # linear: w = A (the authors' code)
+    weighting: Literal["exp", "linear"] = "exp"  # linear: w = A (the authors' code)
     beta: float = 6.0  # inverse temperature of the exp weights
     w_max: float = 1000.0  # clip of the exp weights: at beta 6, it binds for A > 1.15 steps
-    goals: typing.Literal["auto", "uniform", "random", "hindsight"] = "auto"  # auto: gcbc hindsight
+    goals: Literal["auto", "uniform", "random", "hindsight"] = "auto"  # auto: hindsight for gcbc
     expectile: float = 0.7  # td: expectile of the TD target
     steps: int = 2600  # gradient steps in all
     critic_only: float = 0.2  # share of the steps that train the critic alone (not gcbc)
@@ -79,10 +74,9 @@ def default_episodes(n):
 
 
 def collect_dataset(env, args, rng):
-    """The offline data: E trajectories of T steps, run at once (the loop is over time). The
-    behaviour: a random action with probability epsilon, else an optimal one to a target cell,
-    redrawn when reached. -> int64 tensors s, a, s2, episode, t, each (M,), M = E * T, in time
-    order: transition (e, t) is row t * E + e."""
+    """E trajectories of T steps, run at once: a random action with probability epsilon, else
+    an optimal one towards a target cell (redrawn when reached). -> int64 tensors s, a, s2,
+    episode, t, each (M,), M = E * T, in time order: transition (e, t) is row t * E + e."""
     nxt = env.transitions()  # (N, 4) the next cell of each cell and action
     optimal = env.optimal_actions()  # (N, N, 4)
     n = len(nxt)
@@ -126,7 +120,6 @@ def cell_features(env, args):
 
 class PairNet(nn.Module):
     """An MLP on [x_s; x_g]: the actor pi(a | s, g), or td's V(s, g)."""
-
     def __init__(self, features, hidden, outputs=4):
         super().__init__()
         self.s_in = nn.Linear(features, hidden)  # W_s, b
@@ -135,8 +128,7 @@ class PairNet(nn.Module):
                                   nn.Linear(hidden, outputs))
 
     def forward(self, x, s, g):
-        """x (N, F) every cell, s, g (B,) -> (B, outputs). The first layer on [x_s; x_g] is
-        W_s x_s + W_g x_g + b: computed once a cell, then gathered (departure)."""
+        """x (N, F), s, g (B,) -> (B, outputs); W_s x + W_g x once a cell, gathered (departure)."""
         from_s = self.s_in(x).index_select(0, s)  # (B, hidden)
         from_g = self.g_in(x).index_select(0, g)  # (B, hidden)
         return self.body(from_s + from_g)
@@ -188,9 +180,8 @@ def metric_loss(d_pos, n_pos, d_neg, n_neg, args, mu=None):
       positive = mean over moves s -> s'                     (d_phi(s, s') - 1)^2
       negative = mean over other pairs (s_i, s'_j), i != j   -log d_phi(s_i, s'_j)
       loss     = positive + lambda * negative
-    --objective constrained (QRL, Wang et al. 2023): push every pair of the data apart,
-    subject to d_phi(s -> s') <= 1, with mu a Lagrange multiplier:
-      loss     = -mean d_phi(s_i, s'_j) + mu * mean relu(d_phi(s, s') - 1)^2"""
+    --objective constrained (QRL, Wang et al. 2023): all pairs apart, subject to d(s, s') <= 1:
+      loss     = -mean d_phi(s_i, s'_j) + mu * mean relu(d_phi(s, s') - 1)^2, mu a multiplier"""
     if args.objective == "constrained":
         spread = weighted_mean(d_neg, n_neg + n_pos)
         violation = weighted_mean((d_pos - 1).relu() ** 2, n_pos)
@@ -203,9 +194,8 @@ def metric_loss(d_pos, n_pos, d_neg, n_neg, args, mu=None):
 
 def batch_pairs(z, z2, s, s2, metric):
     """B transitions as metric_loss's pairs (--batch-size B), z, z2 = phi(s), phi(s') (B, k):
-      d_pos, n_pos (B,)    d_phi(s_i, s'_i), counted if the move went somewhere (s' != s)
-      d_neg, n_neg (B, B)  d_phi(s_i, s'_j), counted if i != j and s_i != s'_j
-    (departure: the authors' positive term is over (B, B); they count s' = s, s_i = s'_j)."""
+      d_pos, n_pos (B,)    d_phi(s_i, s'_i), counted if s' != s (departure: theirs is (B, B))
+      d_neg, n_neg (B, B)  d_phi(s_i, s'_j), counted if i != j and s_i != s'_j (departure)"""
     d_pos = latent_distance(z, z2, metric)
     n_pos = (s != s2).float()
     other_cell = s[:, None] != s2[None, :]
@@ -234,12 +224,11 @@ def exact_loss(z, moves, pairs, mu):
     d_phi(s, g) = max_c relu(z_c(s) - z_c(g)) (latent_distance's "max-relu").
       loss = -mean_(s, g) min(z_g(s) - z_g(g), N)                 each pair, on its goal's
              + mu * mean_(u -> v, c) relu(z_c(u) - z_c(v) - 1)^2  every coordinate, every move
-    Why this is the shortest-path distance: the penalty holds z_c(u) <= z_c(v) + 1 on every
-    move u -> v of the data. Summed along a path from s to g, these give z_c(s) - z_c(g) <=
-    the path's length, for every c: at most d(s, g), the shortest. The push raises
-    z_g(s) - z_g(g) as far as these constraints allow: a linear program per coordinate g,
-    whose optimum is d(s, g) (the cap N keeps unreachable pairs finite). So the max over c
-    is d(s, g) (Frechet's embedding). It reads the data's moves only, never BFS."""
+    Why it is the shortest-path distance: the penalty holds z_c(u) <= z_c(v) + 1 on each move
+    u -> v of the data; summed along a path from s to g, z_c(s) - z_c(g) <= the path's length
+    for every c, so at most d(s, g). The push raises z_g(s) - z_g(g) as far as that allows: a
+    linear program per coordinate g whose optimum is d(s, g) (the cap N keeps unreachable
+    pairs finite), so the max over c is d(s, g). It reads the data's moves, never BFS."""
     u, v = moves.nonzero().T  # (E,) each: the data's moves u -> v
     rise = z - z.diagonal()  # (N, N) [s, g] = z_g(s) - z_g(g)
     push = weighted_mean(rise.clamp(max=len(z)), moves + pairs)  # each pair (s, g) of the data
@@ -249,8 +238,7 @@ def exact_loss(z, moves, pairs, mu):
 
 
 def with_super_state(data, args, n):
-    """--super-state (Sec. 3.4): one more transition per trajectory, from its end to one
-    virtual state, index n, which joins every trajectory to every other."""
+    """--super-state (Sec. 3.4): a move from each trajectory's end to one virtual state, n."""
     episodes = len(data["s"]) // args.episode_len
     last = data["s2"][-episodes:]  # (E,) the last time block, t = T - 1: the ends
     s = torch.cat([data["s"], last])
@@ -268,8 +256,7 @@ def embed(critic, x, args):
 
 # ======================================= 3. value (Sec. 3.1) and advantage (Sec. 3.3)
 def latent_distance(z, zg, metric="euclidean"):
-    """d_phi(s, g) row by row: z, zg (..., k) -> (...).
-      euclidean    ||z - zg||, the paper's
+    """d_phi(s, g) row by row: z, zg (..., k) -> (...). euclidean: ||z - zg||, the paper's;
       quasimetric  ||z_a - zg_a|| + max_i relu(z_b - zg_b)_i, a and b the halves of the
                    coordinates (Liu et al. 2023): asymmetric, for one-way moves
       max-relu     max_i relu(z_i - zg_i), --critic exact"""
@@ -292,13 +279,6 @@ def pairwise(z, z2, metric="euclidean"):
     return torch.cat(parts)
 
 
-def critic_metric(args):
-    """The critic's latent distance: --metric, or max-relu for --critic exact."""
-    if args.critic == "exact":
-        return "max-relu"
-    return args.metric
-
-
 def value(d, gamma):
     """V(s, g) = gamma^{d_phi(s, g)} * r_g with r_g = 1 (Sec. 3.1)."""
     return gamma ** d
@@ -311,11 +291,9 @@ def td_distance(v, gamma):
 
 def advantage_weights(d, d2, args):
     """The actor's weights from d = d(s, g) and d2 = d(s', g), (B,) each:
-      A = log_gamma V(s, g) - log_gamma V(s', g) = d - d2   in steps (departure): 1 for a step
-                                                            along a shortest path
+      A = log_gamma V(s, g) - log_gamma V(s', g) = d - d2   in steps, 1 on a shortest path
       exp     w = min(exp(beta A), w_max)                   (departure: clipped AWR weights)
-      linear  w = A                                         (the authors' code; can be < 0)
-    A clip that binds often ties the best moves; the data's counts then choose (README)."""
+      linear  w = A                                         (the authors' code; can be < 0)"""
     advantage = d - d2  # (B,)
     if args.weighting == "linear":
         return advantage
@@ -324,8 +302,7 @@ def advantage_weights(d, d2, args):
 
 # ================================================================ 4. actor (Sec. 3.3)
 def actor_loss(logits, a, w):
-    """Advantage-weighted imitation, -mean_i w_i log pi(a_i | s_i, g_i): logits (B, 4), a, w
-    (B,); w carries no gradient."""
+    """Weighted imitation, -mean_i w_i log pi(a_i | s_i, g_i): logits (B, 4), a, w (B,)."""
     logp = torch.log_softmax(logits, dim=-1)  # (B, 4)
     logp_a = logp.gather(1, a[:, None]).squeeze(1)  # (B,)
     return -(w * logp_a).mean()
@@ -334,10 +311,9 @@ def actor_loss(logits, a, w):
 def balance(data):
     """For --goals uniform: the cells the data leaves from (C,), and a weight per transition
     (M,) that makes s of a weighted draw a uniform cell, a a uniform action of the data at s.
-    Why: the transitions of the move (s, a) weigh 1 / (n(s, a) k(s)) each, with n(s, a) the
-    move's transitions and k(s) the distinct actions the data takes at s. A move's n(s, a)
-    transitions then weigh 1 / k(s) together, the k(s) moves at s weigh 1 together: every cell
-    weighs the same, and so does every action at a cell."""
+    Why: each transition of the move (s, a) weighs 1 / (n(s, a) k(s)), n(s, a) the move's
+    transitions, k(s) the distinct actions the data takes at s. So a move's transitions weigh
+    1 / k(s) together, the k(s) moves at s weigh 1: each cell alike, each action at it alike."""
     move = 4 * data["s"] + data["a"]  # (M,) the move (s, a) as one index
     per_move = torch.bincount(move)[move]  # (M,) n(s, a)
     actions = torch.bincount(torch.unique(move) // 4)  # (N,) k(s)
@@ -347,12 +323,9 @@ def balance(data):
 
 def sample(data, n, goals, args):
     """n transitions (s, a, s') of the data and a goal g each, (n,) tensors. goals:
-      uniform    s a uniform cell, a a uniform action there (balance()), g a uniform cell
-                 of the data (departure; the default for metricrl and td)
-      random     any transition, g any dataset state (the paper's)
-      hindsight  any transition, g a later state of its trajectory (GCBC's, its default)
-      mixed      any transition, g hindsight or random, half each (td's critic)
-      None       any transition, no goal (the critic's minibatches)"""
+      uniform    s a uniform cell, a a uniform action there, g a uniform cell (departure)
+      random, hindsight  any transition, g any dataset state (the paper's), or a later state
+                 of its trajectory (GCBC's); mixed: either, half each (td's); None: no goal"""
     m = len(data["s"])
     device = data["s"].device
     if goals == "uniform":
@@ -393,12 +366,12 @@ def td_loss(v, v_target, x, s, s2, g, args):
 TARGET_RATE = 0.5  # td: V_target moves this share of the way to V after each step (tuned)
 DUAL_RATE, DUAL_MAX = 10.0, 1e4  # --objective constrained: mu += rate * violation, capped
 EXACT_DUAL_RATE, EXACT_DUAL_MAX = 1e4, 1e6  # --critic exact's mu (measured: README)
-EXACT_LR, EXACT_BETAS = 0.2, (0.5, 0.9)  # --critic exact's Adam (measured: README)
+EXACT_LR = 0.2  # --critic exact's Adam: its learning rate, falling to 0, and its betas
+EXACT_BETAS = (0.5, 0.9)  # (measured: README)
 
 
 def critic_step(critic, x, data, counts, args, memory):
-    """This step's critic loss, the terms to log, and z (N, k), phi of every cell, for the
-    actor's weights (td: None). memory: td's target network, the multiplier mu."""
+    """The critic's loss, its terms, phi of every cell z (N, k); memory: V_target, mu."""
     if args.algo == "td":
         with torch.no_grad():  # V_target moves TARGET_RATE of the way to V (Polyak)
             for p_target, p in zip(memory["target"].parameters(), critic.parameters()):
@@ -427,9 +400,8 @@ def critic_step(critic, x, data, counts, args, memory):
 
 @torch.no_grad()
 def actor_weights(critic, x, z, s, s2, g, args):
-    """w (B,), advantage_weights from the critic's distances to g from s and from s', (B,)
-    each: d_phi, from this step's phi of every cell, z (N, k); td's log_gamma V; the
-    oracle's BFS distance. Without a critic (gcbc), plain imitation: w = 1."""
+    """w (B,) from the critic's distances to g from s and from s' (d_phi from this step's z
+    (N, k), td's log_gamma V, the oracle's BFS distance); gcbc's all 1: plain imitation."""
     if critic is None:
         return torch.ones(len(s), device=x.device)
     if args.critic == "bfs":
@@ -438,8 +410,9 @@ def actor_weights(critic, x, z, s, s2, g, args):
         d = td_distance(critic(x, s, g)[:, 0], args.gamma)
         d2 = td_distance(critic(x, s2, g)[:, 0], args.gamma)
     else:
-        d = latent_distance(z[s], z[g], critic_metric(args))
-        d2 = latent_distance(z[s2], z[g], critic_metric(args))
+        metric = "max-relu" if args.critic == "exact" else args.metric
+        d = latent_distance(z[s], z[g], metric)
+        d2 = latent_distance(z[s2], z[g], metric)
     return advantage_weights(d, d2, args)
 
 
@@ -456,28 +429,23 @@ def critic_lr(done, args):
 
 
 def actor_lr(done, args, actor_from):
-    """The actor's learning rate after `done` steps: from --lr at its first step, actor_from,
-    falling linearly to 0 at the last (departure: the last policy is not a noisy iterate)."""
+    """The actor's: --lr from its first step, falling linearly to 0 at the last (departure)."""
     left = args.steps - done
     span = max(1, args.steps - actor_from)
     return args.lr * min(1.0, left / span)
 
 
 def train(data, x, critic, actor, args, truth=None):
-    """Algorithm 1: the critic alone for the first `critic_only` share of the steps, then
-    critic and actor in one backward pass (gcbc, --critic bfs: the actor from the start).
-    Every eval_every steps, a progress line with the exact metrics (against truth, if
-    given). -> the history, a row per progress line."""
+    """Algorithm 1: the critic alone for the first `critic_only` share of the steps, then both
+    in one backward pass (gcbc, --critic bfs: the actor only) -> the history of Progress."""
     learns_critic = critic is not None and args.critic != "bfs"
     actor_from = int(args.critic_only * args.steps) if learns_critic else 0
-    critic_group = {"params": []}
-    if critic is not None:
-        critic_group["params"] = critic.parameters()
+    critic_group = {"params": critic.parameters() if critic is not None else []}
     if args.critic == "exact":
         critic_group["betas"] = EXACT_BETAS
-    actor_group = {"params": actor.parameters()}
-    optimizer = torch.optim.Adam([critic_group, actor_group], lr=args.lr, fused=True)
-    critic_group, actor_group = optimizer.param_groups  # the optimizer's own dicts
+    groups = [critic_group, {"params": actor.parameters()}]
+    optimizer = torch.optim.Adam(groups, lr=args.lr, fused=True)
+    critic_group, actor_group = optimizer.param_groups  # their lr is set at each step
     memory = {"target": None, "mu": torch.ones((), device=x.device)}
     if args.algo == "td":
         memory["target"] = copy.deepcopy(critic)
@@ -512,15 +480,13 @@ def train(data, x, critic, actor, args, truth=None):
 
 # ========================================================= 7. evaluation (exact, BFS)
 LIMIT = gridworld.gymnasium.spec("GridWorld-v0").max_episode_steps  # rollout steps: 1000
-ACTOR_METRICS = ("success_rate", "path_ratio", "optimal_action_rate")
 CRITIC_METRICS = ("value_greedy_rate", "critic_success_rate", "spearman", "monotonicity",
-                  "distance_error", "distance_error_max")
-METRICS = ACTOR_METRICS + CRITIC_METRICS
+                  "distance_error", "distance_error_max")  # nan without a critic
+METRICS = ("success_rate", "path_ratio", "optimal_action_rate", *CRITIC_METRICS)
 
 
 def ground_truth(env, device):
-    """The BFS truth as tensors: nxt (N, 4) the next cells, d (N, N) the distances (-1:
-    unreachable), opt (N, N, 4) the optimal actions."""
+    """BFS's truth as tensors: nxt (N, 4), d (N, N) (-1: unreachable), opt (N, N, 4)."""
     nxt = torch.as_tensor(np.array(env.transitions()), device=device)
     d = torch.as_tensor(np.array(env.distance_matrix()), device=device)
     opt = torch.as_tensor(np.array(env.optimal_actions()), device=device)
@@ -538,8 +504,7 @@ def pair_table(net, x, chunk=1 << 16):
 
 @torch.no_grad()
 def critic_distances(critic, x, args):
-    """The critic's distance for every pair, (N, N): d_phi, td's log_gamma V, the BFS table
-    (--critic bfs), or None (gcbc)."""
+    """The critic's distance for every pair, (N, N): d_phi, log_gamma V, BFS's, None (gcbc)."""
     if args.critic == "bfs":
         return critic.weight
     if args.algo == "td":
@@ -547,16 +512,16 @@ def critic_distances(critic, x, args):
     if args.algo == "gcbc":
         return None
     z = embed(critic, x, args)[:len(x)]  # (N, k), without the super-state
-    return pairwise(z, z, critic_metric(args))
+    metric = "max-relu" if args.critic == "exact" else args.metric
+    return pairwise(z, z, metric)
 
 
 def rollout(table, nxt, limit, slip=0.0, seed=0):
-    """The policy table (N, N) -> action, rolled out from every s to every g at once, by
-    look-ups, for up to `limit` steps -> reached (N, N) bool, steps (N, N). Seeded slips.
-    A deterministic table that brings a pair back to a cell it was at loops forever: the
-    pair stops there, a failure (Brent's cycle detection). Each pair saves its cell at steps
-    1, 2, 4, 8, ...: on a loop of length L, once 2^j >= L, it is back at the cell saved at
-    2^j within L steps, before the next save. With slips a return proves nothing."""
+    """The policy table (N, N) rolled out from every s to every g at once, for up to `limit`
+    steps (seeded slips) -> reached (N, N) bool, steps (N, N). A deterministic table that
+    brings a pair back to a cell loops forever: it stops there, failed (Brent's cycle check).
+    Each pair saves its cell at steps 1, 2, 4, ...: on a loop of length L, once 2^j >= L, it
+    is back at the cell saved at 2^j within L steps, before the next save (not with slips)."""
     gen = torch.Generator(device=table.device).manual_seed(seed)
     n = len(table)
     pair = torch.arange(n * n, device=table.device)  # (P,) P = N^2 pairs, p = s * N + g
@@ -591,15 +556,15 @@ def spearman(x, y):
         # the distinct values in order: the last rank of each is the running count, its
         # ties take the ranks down from there, their mean: cumsum - (count - 1) / 2
         rank = (counts.cumsum(0) - (counts - 1) / 2)[inverse].double()
-        centred.append(rank - rank.mean())
+        rank -= rank.mean()
+        centred.append(rank)
     rx, ry = centred
     return ((rx * ry).sum() / (rx.norm() * ry.norm())).item()
 
 
 def monotonicity(dz, d, triplets=200_000, seed=0):
-    """Distance monotonicity (Sec. 3.1): of seeded triplets (s1, s2, g) with d(s1, g) <
-    d(s2, g), the share with d_phi(s1, g) < d_phi(s2, g) (a tie does not keep the order).
-    Triplets with equal or no true distances are left out."""
+    """Distance monotonicity (Sec. 3.1): of seeded triplets with d(s1, g) < d(s2, g) (none
+    equal or unreachable), the share with d_phi(s1, g) < d_phi(s2, g) (a tie: not kept)."""
     gen = torch.Generator().manual_seed(seed)
     s1, s2, g = torch.randint(len(d), (3, triplets), generator=gen).to(d.device)
     d1, d2 = d[s1, g], d[s2, g]
@@ -618,8 +583,8 @@ def optimal_rate(table, opt, pairs):
 
 @torch.no_grad()
 def evaluate(dz, actor, x, truth, slip=0.0, limit=LIMIT):
-    """Every metric over all reachable pairs s != g, against the BFS truth: of the actor's
-    greedy policy as a table, and of the critic (its distances dz (N, N), or None)."""
+    """Every metric over all reachable pairs s != g, against BFS: of the actor's greedy
+    policy as a table, and of the critic's distances dz (N, N) (None: no critic, nan)."""
     d, nxt, opt = truth["d"], truth["nxt"], truth["opt"]
     pairs = d > 0  # (N, N) reachable, s != g
     policy = pair_table(actor, x).argmax(-1)  # (N, N) the greedy action
@@ -662,7 +627,11 @@ def run(args):
     """One run: data -> critic and actor (or --load's) -> exact evaluation -> files."""
     start = time.time()
     env, args, device, agent = setup(args)  # --load: the checkpoint's flags
-    out = output_folder(args)
+    out = args.out  # the folder of the files: --out, or beside --load's, or runs/<name>
+    if not out and args.load:
+        out = os.path.dirname(args.load) or "."
+    if not out:
+        out = os.path.join("runs", run_name(args))
     with staged(out, OUTPUTS) as tmp:
         torch.manual_seed(args.seed)
         data = collect_dataset(env, args, np.random.default_rng(args.seed))
@@ -675,7 +644,8 @@ def run(args):
         else:
             x, critic, actor = build(env, args, device)
             if not args.quiet:
-                say(f"{args.env}: {len(x)} cells | data {coverage} | {device} | {args.steps} steps")
+                say(f"{args.env}: {len(x)} cells | data {coverage} | {device} | "
+                    f"{args.steps} steps")
             history = train(data, x, critic, actor, args, truth)
             metrics = history[-1]
         metrics = {key: metrics[key] for key in METRICS}
@@ -705,23 +675,22 @@ def data_coverage(data, n):
 
 
 class Progress:
-    """train()'s log: the losses summed on the device (no host sync in a step); a row of
-    their means every eval_every steps (evaluated) and after 30 s without one."""
-
+    """train()'s log: losses summed on the device (no host sync in a step), a row of means."""
     def __init__(self, args, critic, actor, x, truth):
         self.args, self.critic, self.actor, self.x, self.truth = args, critic, actor, x, truth
-        self.totals, self.counts, self.history = {}, {}, []
-        self.tick, self.last = time.time(), 0
+        self.totals = {}  # key: the sum of its losses since the last row, on the device
+        self.counts = {}  # key: how many steps added to it
+        self.history = []  # the rows
+        self.tick = time.time()  # when the last row was written
+        self.last = 0  # at which step
 
     def add(self, step, info):
         for key, loss in info.items():
             self.totals[key] = self.totals.get(key, 0) + loss.detach()
             self.counts[key] = self.counts.get(key, 0) + 1
         scored = step % self.args.eval_every == 0 or step == self.args.steps
-        if scored or time.time() - self.tick > 30:
-            self.write(step, scored)
-
-    def write(self, step, scored):
+        if not scored and time.time() - self.tick <= 30:  # a row at least every 30 s
+            return
         row = {"step": step}
         for key, total in self.totals.items():
             row[key] = total.item() / self.counts[key]
@@ -733,30 +702,25 @@ class Progress:
             dz = critic_distances(self.critic, self.x, self.args)
             row.update(evaluate(dz, self.actor, self.x, self.truth, self.args.slip))
         self.history.append(row)
-        report(row, self.args)
-        self.totals, self.counts = {}, {}
+        if not self.args.quiet:
+            report(row, self.args)
+        self.totals = {}
+        self.counts = {}
         self.tick, self.last = time.time(), step
-
-
-SHOWN = {"success": "success_rate", "critic success": "critic_success_rate",
-         "|d_phi - d|": "distance_error", "max": "distance_error_max"}  # on a progress line
 
 
 def report(row, args):
     """A progress line: mean losses since the last, speed, exact metrics, time left."""
-    if args.quiet:
-        return
     line = f"step {row['step']:6d}/{args.steps}"
     for name in ("critic", "actor"):
         if f"{name}_loss" in row:
             line += f"  {name} {row[name + '_loss']:7.3f}"
     line += f"  {row['steps_per_s']:5.0f} steps/s"
-    scores = []
-    for label, key in SHOWN.items():
-        if not math.isnan(row.get(key, math.nan)):  # evaluated, and there is a critic
-            scores.append(f"{label} {row[key]:.3f}")
-    if scores:
-        line += " |  " + "  ".join(scores)
+    if "success_rate" in row:  # an evaluated step
+        line += f" |  success {row['success_rate']:.3f}"
+    if not math.isnan(row.get("critic_success_rate", math.nan)):  # and a critic
+        line += f"  critic success {row['critic_success_rate']:.3f}"
+        line += f"  |d_phi - d| {row['distance_error']:.3f}  max {row['distance_error_max']:.3f}"
     minutes_left = (args.steps - row["step"]) / row["steps_per_s"] / 60
     if minutes_left > 1:
         line += f" | about {minutes_left:.1f} min left"
@@ -770,7 +734,8 @@ def show_map(fig, ax, env, values, title, cmap, label, goal, **kw):
         ax.text(0.5, 0.5, title, ha="center", va="center", transform=ax.transAxes, fontsize=12)
         return ax.set_axis_off()
     image = np.full((env.height, env.width), np.nan)
-    image[env.cells[:, 0], env.cells[:, 1]] = values
+    rows, cols = env.cells.T
+    image[rows, cols] = values
     shown = ax.imshow(np.ma.masked_invalid(image), cmap=cmap, **kw)
     fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03, label=label)
     ax.set(title=title, xticks=[], yticks=[], facecolor="0.25")  # walls show the face colour
@@ -781,13 +746,15 @@ def show_map(fig, ax, env, values, title, cmap, label, goal, **kw):
 
 
 VALUE_TITLES = {"metricrl": r"Learned $V(s, g) = \gamma^{d_\phi(s, g)}$",
-                "td": "Learned V(s, g), by TD", "gcbc": "gcbc has no critic"}
+                "td": "Learned V(s, g), by TD", "gcbc": "gcbc has no critic",
+                "bfs": "--critic bfs: the true V"}  # by the kind of critic
+DISTANCE_LABELS = {"metricrl": "learned d_φ(s, g)", "td": "learned log_γ V(s, g)",
+                   "bfs": "BFS d(s, g), the oracle"}
 
 
 @torch.no_grad()
 def plot_run(path, env, args, x, critic, actor, data, truth, history, metrics):
-    """The run's figure. Top, for one far goal g: the learned and the true value, the greedy
-    policy, the data's visits. Bottom: plot_learning's panels."""
+    """Top, for one far goal g: learned and true V, the greedy policy, the data's visits."""
     d = env.distance_matrix()
     goal = int(np.argmax(d.max(0)))  # the hardest goal: the farthest from some cell
     to_goal = np.where(d[:, goal] >= 0, d[:, goal], np.nan)  # (N,), nan: out of reach
@@ -799,20 +766,24 @@ def plot_run(path, env, args, x, critic, actor, data, truth, history, metrics):
         dz = dz.cpu().numpy()  # (N, N)
         v = value(dz[:, goal], args.gamma)
         low = min(low, np.nanmin(v))  # one colour scale for both
-    title = VALUE_TITLES[args.algo]
-    if args.critic == "bfs":
-        title = "--critic bfs: the true V"
+    kind = "bfs" if args.critic == "bfs" else args.algo  # the kind of critic
     fig = Figure(figsize=(20, 9.5))
     top, bottom = fig.subplots(2, 4)
-    show_map(fig, top[0], env, v, title, "viridis", "V", goal, vmin=low, vmax=1)
+    show_map(fig, top[0], env, v, VALUE_TITLES[kind], "viridis", "V", goal, vmin=low, vmax=1)
     show_map(fig, top[1], env, v_true, r"True optimal $V^*(s, g) = \gamma^{d(s, g)}$",
              "viridis", "V*", goal, vmin=low, vmax=1)
     plot_policy(fig, top[2], env, args, actor, x, truth, goal, to_goal)
     visits = np.bincount(data["s"].cpu().numpy(), minlength=len(x))
     show_map(fig, top[3], env, visits, f"Offline data: visits per cell (ε = {args.epsilon})",
              "magma", "visits", goal)
-    plot_learning(fig, bottom, env, args, d, dz, critic, x, goal, to_goal, history)
-    fig.suptitle(figure_title(env, args, data, metrics, goal), size=13)
+    plot_learning(fig, bottom, env, args, d, dz, critic, x, goal, to_goal, history, kind)
+    title = f"{run_name(args)} ({len(x)} cells, {len(data['s'])} transitions of data, ε = "
+    title += f"{args.epsilon}). Over all pairs: success {metrics['success_rate']:.3f}"
+    if dz is not None:
+        title += f", critic success {metrics['critic_success_rate']:.3f}"
+        title += f", monotonicity {metrics['monotonicity']:.3f}"
+    title += f". Top row: one far goal g = {tuple(env.cells[goal].tolist())}"
+    fig.suptitle(title, size=13)
     fig.subplots_adjust(left=0.035, right=0.965, bottom=0.07, top=0.92, wspace=0.32, hspace=0.22)
     fig.savefig(path, dpi=70)
 
@@ -834,16 +805,7 @@ def plot_policy(fig, ax, env, args, actor, x, truth, goal, to_goal):
     ax.plot(cols[fails], rows[fails], "x", color="red", ms=9 * small, mew=2 * small)
 
 
-def figure_title(env, args, data, metrics, goal):
-    title = f"{run_name(args)} ({len(env.cells)} cells, {len(data['s'])} transitions of data, "
-    title += f"ε = {args.epsilon}). Over all pairs: success {metrics['success_rate']:.3f}"
-    if not math.isnan(metrics["critic_success_rate"]):
-        title += f", critic success {metrics['critic_success_rate']:.3f}"
-        title += f", monotonicity {metrics['monotonicity']:.3f}"
-    return title + f". Top row: one far goal g = {tuple(env.cells[goal].tolist())}"
-
-
-def plot_learning(fig, axes, env, args, d, dz, critic, x, goal, to_goal, history):
+def plot_learning(fig, axes, env, args, d, dz, critic, x, goal, to_goal, history, kind):
     """The exact metrics and losses in training; learned vs true distance; phi on 2 axes."""
     a_distance, a_phi, a_metrics, a_losses = axes
     curves = {a_metrics: ("success_rate", "critic_success_rate", "optimal_action_rate",
@@ -864,14 +826,14 @@ def plot_learning(fig, axes, env, args, d, dz, critic, x, goal, to_goal, history
     if dz is None:
         show_map(fig, a_distance, env, None, f"{args.algo} has no critic", "", "", goal)
     else:
-        plot_distances(a_distance, args, d, dz)
+        plot_distances(a_distance, d, dz, DISTANCE_LABELS[kind])
     if args.algo == "metricrl" and args.critic != "bfs":
         plot_embedding(fig, a_phi, env, critic, x, args, goal, to_goal)
     else:
         show_map(fig, a_phi, env, None, "no embedding φ", "", "", goal)
 
 
-def plot_distances(ax, args, d, dz):
+def plot_distances(ax, d, dz, ylabel):
     """The learned distance against the true one: the median and 10-90% of the pairs."""
     true, learned = d[d > 0], dz[d > 0]
     steps = np.arange(1, true.max() + 1)  # every true distance
@@ -879,11 +841,6 @@ def plot_distances(ax, args, d, dz):
     ax.fill_between(steps, bands[:, 0], bands[:, 2], alpha=0.3, label="10–90% of pairs")
     ax.plot(steps, bands[:, 1], label="median")
     ax.plot(steps, steps, "k--", lw=1, label="learned = true")
-    ylabel = "learned d_φ(s, g)"
-    if args.critic == "bfs":
-        ylabel = "BFS d(s, g), the oracle"
-    if args.algo == "td":
-        ylabel = "learned log_γ V(s, g)"
     error = abs(learned - true).mean()
     ax.set(title=f"Learned vs true distance (mean |error| {error:.2f})",
            xlabel="true distance d(s, g) (BFS)", ylabel=ylabel)
@@ -897,10 +854,8 @@ def plot_embedding(fig, ax, env, critic, x, args, goal, to_goal):
     axes = np.linalg.svd(centred, full_matrices=False)[2][:2]  # (2, k)
     xy = centred @ axes.T  # (N, 2)
     start = np.repeat(np.arange(len(z)), 4)
-    end = env.transitions().ravel()  # (4N,) every move
-    moved = start != end
-    pairs = np.sort(np.stack([start[moved], end[moved]], 1), 1)  # (E, 2)
-    edges = np.unique(pairs, axis=0).T  # (2, E') each move once, either way
+    end = env.transitions().ravel()  # (4N,) every move (a line each way, drawn twice)
+    edges = np.stack([start, end])[:, start != end]  # (2, E) the moves that move
     ax.plot(xy[edges, 0], xy[edges, 1], color="0.8", lw=0.8, zorder=0)
     dots = ax.scatter(xy[:, 0], xy[:, 1], c=to_goal, s=18, plotnonfinite=True)
     fig.colorbar(dots, ax=ax, fraction=0.046, pad=0.03, label="true distance to g")
@@ -945,7 +900,6 @@ def write_log(path, history):
 
 class Agent:
     """A trained policy: Agent(model.pt).act(states, goals), (row, col)s (B, 2) -> (B,)."""
-
     def __init__(self, path, device="cpu"):
         ckpt = dict(torch.load(path, map_location=device, weights_only=True))
         knobs = {k: v for k, v in ckpt["args"].items() if k in Args.__annotations__}
@@ -981,7 +935,7 @@ def parse_args(argv=None, knobs=Args, prog="metricrl.py", about=__doc__):
             continue
         if field.default != "":
             text += f" (default: {field.default})"
-        choices = typing.get_args(field.type) or None  # a Literal's values
+        choices = get_args(field.type) or None  # a Literal's values
         parser.add_argument(flag, type=kind, choices=choices, help=text)
     given = vars(parser.parse_args(argv))
     return knobs(**given), set(given)
@@ -1014,14 +968,11 @@ def check_numbers(args):
             require(args, field.name, math.isfinite(value), "finite")
 
 
-def changed(args, names):
-    """The knobs among `names` that differ from their defaults."""
-    return [name for name in names if getattr(args, name) != getattr(Args(), name)]
-
-
 def check_args(args, given=frozenset()):
     """Raise UsageError for a value or a combination of flags that a run cannot use."""
     check_numbers(args)
+    defaults = dataclasses.asdict(Args())
+    changed = {k for k, v in dataclasses.asdict(args).items() if v != defaults.get(k)}
     ignored = sorted(given - {"load", "out", "device", "quiet"})
     if args.load and ignored:
         raise UsageError(f"--{ignored[0].replace('_', '-')}: --load runs a checkpoint with "
@@ -1029,11 +980,11 @@ def check_args(args, given=frozenset()):
     if args.algo == "td" and args.gamma == 1:
         raise UsageError("td (--algo td, or in --algos) needs --gamma below 1 (its distance "
                          "is log_gamma V)")
-    if args.algo != "metricrl" and changed(args, ("super_state", "objective", "metric", "critic")):
+    if args.algo != "metricrl" and changed & {"super_state", "objective", "metric", "critic"}:
         raise UsageError("--super-state, --objective, --metric and --critic are MetricRL's: "
                          "use --algo metricrl")
-    own = ("metric", "objective", "latent", "lam", "negative")  # exact's are fixed
-    if args.critic == "exact" and changed(args, own):
+    own = {"metric", "objective", "latent", "lam", "negative"}  # exact's are fixed
+    if args.critic == "exact" and changed & own:
         raise UsageError("--critic exact has its own geometry (k = N) and loss: drop --metric, "
                          "--objective, --latent, --lam, --negative")
     whole_data = args.objective == "constrained" or args.critic == "exact"
@@ -1113,15 +1064,6 @@ def run_name(args, base=None):
         else:
             name.append(f"{flag}={value}")
     return "-".join([*name, f"s{args.seed}"])
-
-
-def output_folder(args):
-    """--out; else beside --load's checkpoint; else runs/<run_name>."""
-    if args.out:
-        return args.out
-    if args.load:
-        return os.path.dirname(args.load) or "."
-    return os.path.join("runs", run_name(args))
 
 
 def exit_with_one_line(prog, error):

@@ -57,8 +57,8 @@ class Args:  # each knob's comment is its --help text
     goals: Literal["auto", "uniform", "random", "hindsight"] = "auto"  # auto: hindsight for gcbc
     expectile: float = 0.7  # td: expectile of the TD target
     steps: int = 2600  # gradient steps in all
-    critic_only: float = 0.2  # share of the steps that train the critic alone (not gcbc)
-    batch_size: int = 0  # critic batch: 0, the whole dataset; B > 0, B transitions
+    critic_only: float = 0.2  # share of the steps that train the critic alone (not gcbc, bfs)
+    batch_size: int = 0  # metricrl's critic batch: 0, the whole dataset; B > 0, B transitions
     actor_batch: int = 0  # (transition, goal) samples per actor step; 0: max(1024, N^2 / 32)
     lr: float = 3e-3  # Adam learning rate (see critic_lr() and actor_lr())
     eval_every: int = 500  # exact evaluation every this many steps
@@ -135,7 +135,7 @@ class PairNet(nn.Module):
 
 
 def build_critic(env, args, features):
-    """The critic: phi for metricrl, td's V(s, g), or None (gcbc)."""
+    """The critic: phi for metricrl (bfs: BFS's table), td's V(s, g), or None (gcbc)."""
     if args.algo == "gcbc":
         return None
     if args.algo == "td":
@@ -178,7 +178,7 @@ def weighted_mean(values, counts):
 def metric_loss(d_pos, n_pos, d_neg, n_neg, args, mu=None):
     """The critic's loss (Sec. 3) over pairs of states, each entry d counted n times:
       positive = mean over moves s -> s'                     (d_phi(s, s') - 1)^2
-      negative = mean over other pairs (s_i, s'_j), i != j   -log d_phi(s_i, s'_j)
+      negative = mean over other pairs (s_i, s'_j), i != j   -log d_phi(s_i, s'_j) (push())
       loss     = positive + lambda * negative
     --objective constrained (QRL, Wang et al. 2023): all pairs apart, subject to d(s, s') <= 1:
       loss     = -mean d_phi(s_i, s'_j) + mu * mean relu(d_phi(s, s') - 1)^2, mu a multiplier"""
@@ -194,7 +194,7 @@ def metric_loss(d_pos, n_pos, d_neg, n_neg, args, mu=None):
 
 def batch_pairs(z, z2, s, s2, metric):
     """B transitions as metric_loss's pairs (--batch-size B), z, z2 = phi(s), phi(s') (B, k):
-      d_pos, n_pos (B,)    d_phi(s_i, s'_i), counted if s' != s (departure: theirs is (B, B))
+      d_pos, n_pos (B,)    d_phi(s_i, s'_i), counted if s' != s (departure: their d_pos is B x B)
       d_neg, n_neg (B, B)  d_phi(s_i, s'_j), counted if i != j and s_i != s'_j (departure)"""
     d_pos = latent_distance(z, z2, metric)
     n_pos = (s != s2).float()
@@ -229,12 +229,12 @@ def exact_loss(z, moves, pairs, mu):
     for every c, so at most d(s, g). The push raises z_g(s) - z_g(g) as far as that allows: a
     linear program per coordinate g whose optimum is d(s, g) (the cap N keeps unreachable
     pairs finite), so the max over c is d(s, g). It reads the data's moves, never BFS."""
-    u, v = moves.nonzero().T  # (E,) each: the data's moves u -> v
-    rise = z - z.diagonal()  # (N, N) [s, g] = z_g(s) - z_g(g)
-    push = weighted_mean(rise.clamp(max=len(z)), moves + pairs)  # each pair (s, g) of the data
-    slack = z[u] - z[v] - 1  # (E, k) z_c(u) - z_c(v) - 1
+    u, v = moves.nonzero().T  # (K,) each: the data's K distinct moves u -> v
+    rise = z - z.diagonal()  # (N, N): [s, g] = z_g(s) - z_g(g), row s less the diagonal
+    raised = weighted_mean(rise.clamp(max=len(z)), moves + pairs)  # over the data's pairs
+    slack = z[u] - z[v] - 1  # (K, N) z_c(u) - z_c(v) - 1
     violation = (slack.relu() ** 2).sum() / max(1, u.numel() * z.shape[1])
-    return -push + mu * violation, {"push": push, "violation": violation}
+    return -raised + mu * violation, {"push": raised, "violation": violation}
 
 
 def with_super_state(data, args, n):
@@ -271,10 +271,10 @@ def latent_distance(z, zg, metric="euclidean"):
 
 
 def pairwise(z, z2, metric="euclidean"):
-    """All pairs: z (N, k), z2 (M, k) -> (N, M), [i, j] = d_phi(z_i, z2_j)."""
+    """All pairs: z (N, k), z2 (N2, k) -> (N, N2), [i, j] = d_phi(z_i, z2_j)."""
     if metric == "euclidean":
         return torch.cdist(z, z2)
-    rows = max(1, 2**24 // z2.numel())  # (rows, M, k) at a time, to bound the memory
+    rows = max(1, 2**24 // z2.numel())  # (rows, N2, k) at a time, to bound the memory
     parts = [latent_distance(chunk[:, None], z2[None], metric) for chunk in z.split(rows)]
     return torch.cat(parts)
 
@@ -291,7 +291,7 @@ def td_distance(v, gamma):
 
 def advantage_weights(d, d2, args):
     """The actor's weights from d = d(s, g) and d2 = d(s', g), (B,) each:
-      A = log_gamma V(s, g) - log_gamma V(s', g) = d - d2   in steps, 1 on a shortest path
+      A = log_gamma V(s, g) - log_gamma V(s', g) = d - d2   (departure: in steps, not in V)
       exp     w = min(exp(beta A), w_max)                   (departure: clipped AWR weights)
       linear  w = A                                         (the authors' code; can be < 0)"""
     advantage = d - d2  # (B,)
@@ -316,14 +316,14 @@ def balance(data):
     1 / k(s) together, the k(s) moves at s weigh 1: each cell alike, each action at it alike."""
     move = 4 * data["s"] + data["a"]  # (M,) the move (s, a) as one index
     per_move = torch.bincount(move)[move]  # (M,) n(s, a)
-    actions = torch.bincount(torch.unique(move) // 4)  # (N,) k(s)
+    actions = torch.bincount(torch.unique(move) // 4)  # k(s) for s = 0, 1, ... up to the last
     per_cell = actions[data["s"]]  # (M,) k(s)
     return {"cells": actions.nonzero()[:, 0], "weight": 1 / (per_move * per_cell)}
 
 
 def sample(data, n, goals, args):
     """n transitions (s, a, s') of the data and a goal g each, (n,) tensors. goals:
-      uniform    s a uniform cell, a a uniform action there, g a uniform cell (departure)
+      uniform    s a uniform cell, a a uniform action there, g a uniform cell (of the data)
       random, hindsight  any transition, g any dataset state (the paper's), or a later state
                  of its trajectory (GCBC's); mixed: either, half each (td's); None: no goal"""
     m = len(data["s"])
@@ -366,8 +366,8 @@ def td_loss(v, v_target, x, s, s2, g, args):
 TARGET_RATE = 0.5  # td: V_target moves this share of the way to V after each step (tuned)
 DUAL_RATE, DUAL_MAX = 10.0, 1e4  # --objective constrained: mu += rate * violation, capped
 EXACT_DUAL_RATE, EXACT_DUAL_MAX = 1e4, 1e6  # --critic exact's mu (measured: README)
-EXACT_LR = 0.2  # --critic exact's Adam: its learning rate, falling to 0, and its betas
-EXACT_BETAS = (0.5, 0.9)  # (measured: README)
+EXACT_LR = 0.2  # --critic exact's Adam learning rate, falling towards 0 (measured: README)
+EXACT_BETAS = (0.5, 0.9)  # and its Adam betas (measured: README)
 
 
 def critic_step(critic, x, data, counts, args, memory):
@@ -379,7 +379,7 @@ def critic_step(critic, x, data, counts, args, memory):
         s, _, s2, g = sample(data, args.actor_batch, "mixed", args)  # (B_actor,)
         loss = td_loss(critic, memory["target"], x, s, s2, g, args)
         return loss, {"td_loss": loss}, None
-    z = embed(critic, x, args)  # (N, k): phi of every cell once, a batch gathers rows
+    z = embed(critic, x, args)  # (N, k): phi of every cell, a batch gathers rows (departure)
     moves, pairs = counts
     if args.critic == "exact":
         loss, info = exact_loss(z, moves, pairs, memory["mu"])
@@ -422,14 +422,14 @@ def actor_budget(n):
 
 
 def critic_lr(done, args):
-    """The critic's learning rate after `done` steps: --lr; exact's falls linearly to 0."""
+    """The critic's learning rate after `done` steps: --lr; exact's, 0.2 falling towards 0."""
     if args.critic == "exact":
         return EXACT_LR * (1 - done / args.steps)
     return args.lr
 
 
 def actor_lr(done, args, actor_from):
-    """The actor's: --lr from its first step, falling linearly to 0 at the last (departure)."""
+    """The actor's: --lr from its first step, falling linearly towards 0 (departure)."""
     left = args.steps - done
     span = max(1, args.steps - actor_from)
     return args.lr * min(1.0, left / span)
@@ -520,19 +520,19 @@ def rollout(table, nxt, limit, slip=0.0, seed=0):
     """The policy table (N, N) rolled out from every s to every g at once, for up to `limit`
     steps (seeded slips) -> reached (N, N) bool, steps (N, N). A deterministic table that
     brings a pair back to a cell loops forever: it stops there, failed (Brent's cycle check).
-    Each pair saves its cell at steps 1, 2, 4, ...: on a loop of length L, once 2^j >= L, it
-    is back at the cell saved at 2^j within L steps, before the next save (not with slips)."""
+    Each pair saves its cell at steps 1, 2, 4, ...: once it is on a loop of length L at a save
+    2^j >= L, it is back at that cell within L steps, before the next save (not with slips)."""
     gen = torch.Generator(device=table.device).manual_seed(seed)
     n = len(table)
     pair = torch.arange(n * n, device=table.device)  # (P,) P = N^2 pairs, p = s * N + g
     pos, goal = pair // n, pair % n  # (P,) each pair's cell and goal
     steps = torch.zeros_like(pair)
     saved = pos.clone()  # the cell at the last power of two
-    live = pair[pos != goal]  # (L,) the pairs on their way
+    live = pair[pos != goal]  # (P_live,) the pairs on their way
     for t in range(1, limit + 1):
         if len(live) == 0:
             break
-        act = table[pos[live], goal[live]]  # (L,)
+        act = table[pos[live], goal[live]]  # (P_live,)
         if slip > 0:  # a slip turns the action into one of the other three
             turn = 1 + torch.randint(3, act.shape, generator=gen, device=act.device)
             slipped = torch.rand(act.shape, generator=gen, device=act.device) < slip
@@ -564,7 +564,7 @@ def spearman(x, y):
 
 def monotonicity(dz, d, triplets=200_000, seed=0):
     """Distance monotonicity (Sec. 3.1): of seeded triplets with d(s1, g) < d(s2, g) (none
-    equal or unreachable), the share with d_phi(s1, g) < d_phi(s2, g) (a tie: not kept)."""
+    equal or unreachable), the share with d_phi(s1, g) < d_phi(s2, g) (a tie counts as not)."""
     gen = torch.Generator().manual_seed(seed)
     s1, s2, g = torch.randint(len(d), (3, triplets), generator=gen).to(d.device)
     d1, d2 = d[s1, g], d[s2, g]
@@ -575,10 +575,10 @@ def monotonicity(dz, d, triplets=200_000, seed=0):
     return kept.double().mean().item()
 
 
-def optimal_rate(table, opt, pairs):
-    """The share of the pairs (N, N) whose action in the table (N, N) is optimal."""
+def optimal_rate(table, opt, mask):
+    """The share of the pairs in mask (N, N) whose action in the table (N, N) is optimal."""
     on_path = opt.gather(2, table[..., None])[..., 0]  # (N, N)
-    return on_path[pairs].double().mean().item()
+    return on_path[mask].double().mean().item()
 
 
 @torch.no_grad()
@@ -586,22 +586,22 @@ def evaluate(dz, actor, x, truth, slip=0.0, limit=LIMIT):
     """Every metric over all reachable pairs s != g, against BFS: of the actor's greedy
     policy as a table, and of the critic's distances dz (N, N) (None: no critic, nan)."""
     d, nxt, opt = truth["d"], truth["nxt"], truth["opt"]
-    pairs = d > 0  # (N, N) reachable, s != g
+    reachable = d > 0  # (N, N): a path from s to g, s != g
     policy = pair_table(actor, x).argmax(-1)  # (N, N) the greedy action
     reached, steps = rollout(policy, nxt, limit, slip=slip)
-    ok = reached & pairs
-    metrics = {"success_rate": ok[pairs].double().mean().item(), "path_ratio": math.nan}
+    ok = reached & reachable
+    metrics = {"success_rate": ok[reachable].double().mean().item(), "path_ratio": math.nan}
     if ok.any():
         metrics["path_ratio"] = (steps[ok] / d[ok]).mean().item()
-    metrics["optimal_action_rate"] = optimal_rate(policy, opt, pairs)
+    metrics["optimal_action_rate"] = optimal_rate(policy, opt, reachable)
     if dz is None:
         return {**metrics, **dict.fromkeys(CRITIC_METRICS, math.nan)}
     greedy = dz[nxt].argmin(dim=1)  # (N, N), the critic's own policy: dz[nxt] is (N, 4, N)
     critic_reached, _ = rollout(greedy, nxt, limit, slip=slip)
-    error = (dz[pairs] - d[pairs]).abs()  # |d_phi(s, g) - d(s, g)|, exact: 0
-    metrics["value_greedy_rate"] = optimal_rate(greedy, opt, pairs)
-    metrics["critic_success_rate"] = critic_reached[pairs].double().mean().item()
-    metrics["spearman"] = spearman(dz[pairs], d[pairs].double())
+    error = (dz[reachable] - d[reachable]).abs()  # |d_phi(s, g) - d(s, g)|; the oracle's: 0
+    metrics["value_greedy_rate"] = optimal_rate(greedy, opt, reachable)
+    metrics["critic_success_rate"] = critic_reached[reachable].double().mean().item()
+    metrics["spearman"] = spearman(dz[reachable], d[reachable].double())
     metrics["monotonicity"] = monotonicity(dz, d)
     metrics["distance_error"] = error.mean().item()
     metrics["distance_error_max"] = error.max().item()
@@ -961,11 +961,11 @@ def check_numbers(args):
     require(args, "gamma", 0 < args.gamma <= 1, "in (0, 1]")
     require(args, "expectile", 0 < args.expectile < 1, "in (0, 1)")
     for field in dataclasses.fields(args):
-        value = getattr(args, field.name)
-        if type(value) is int:
-            require(args, field.name, value < 2**31, "below 2^31")
-        if type(value) is float:
-            require(args, field.name, math.isfinite(value), "finite")
+        setting = getattr(args, field.name)
+        if type(setting) is int:
+            require(args, field.name, setting < 2**31, "below 2^31")
+        if type(setting) is float:
+            require(args, field.name, math.isfinite(setting), "finite")
 
 
 def check_args(args, given=frozenset()):
@@ -1052,17 +1052,17 @@ def run_name(args, base=None):
     base = base or Args()
     name = [os.path.splitext(os.path.basename(args.env))[0], args.algo]
     for field in dataclasses.fields(Args):
-        value = getattr(args, field.name)
+        setting = getattr(args, field.name)
         flag = field.name.replace("_", "-")
         named = field.name in ("env", "algo", "seed", "device", "out", "load", "quiet")
-        if named or value == getattr(base, field.name):  # named already, or changes nothing
+        if named or setting == getattr(base, field.name):  # named already, or changes nothing
             continue
-        if value is True:
+        if setting is True:
             name.append(flag)
-        elif type(value) is float:
-            name.append(f"{flag}={value:g}")
+        elif type(setting) is float:
+            name.append(f"{flag}={setting:g}")
         else:
-            name.append(f"{flag}={value}")
+            name.append(f"{flag}={setting}")
     return "-".join([*name, f"s{args.seed}"])
 
 

@@ -378,6 +378,7 @@ def test_build_makes_each_critic():
     env = GridWorld(ONE_WAY_RING)  # 8 cells
     x, critic, actor = metricrl.build(env, Args(latent=5, hidden=16), "cpu")
     assert critic(x).shape == (8, 5) and actor(x, torch.arange(8), torch.arange(8)).shape == (8, 4)
+    assert actor.s_in.out_features == 16 and critic[0].out_features == 16  # --hidden wide
     assert sum(isinstance(m, nn.Linear) for m in critic.modules()) == 3  # two hidden layers
     assert metricrl.build(env, Args(algo="gcbc"), "cpu")[1] is None
     td = metricrl.build(env, Args(algo="td"), "cpu")[1]
@@ -524,6 +525,7 @@ def test_value_and_td_distance_by_hand():
     assert metricrl.value(d, 0.5).tolist() == [1.0, 0.5, 0.125]
     assert metricrl.td_distance(metricrl.value(d, 0.9), 0.9).tolist() == pytest.approx([0, 1, 3])
     assert metricrl.td_distance(torch.tensor(0.0), 0.9).isfinite()  # V = 0: far, not inf
+    assert metricrl.td_distance(torch.tensor(1.5), 0.9) == 0  # V above 1: at the goal, not < 0
 
 
 def test_the_actor_reads_the_distance_from_s_to_g():
@@ -1183,8 +1185,16 @@ def test_a_second_run_into_a_folder_replaces_every_file(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == list(sorted(metricrl.OUTPUTS))
 
 
+def interruptible():
+    """Ctrl-C's default in the child, even where the tests run with it ignored (in the
+    background, under some runners): Python then turns it into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def shell(script, args, tmp_path, **kw):
     """A script in a subprocess, as a user's shell would start it."""
+    if os.name == "posix":
+        kw["preexec_fn"] = interruptible
     return subprocess.Popen([sys.executable, os.path.join(HERE, script), *args], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 

@@ -1,5 +1,7 @@
-"""The README's sweeps, each a grid of metricrl.py runs: --compare (methods x data qualities
-x maps) and --assumptions (runs where one of MetricRL's assumptions breaks, and its fixes).
+"""The README's sweeps of metricrl.py runs: --compare, or --assumptions (one at a time).
+
+--compare runs methods x data qualities x maps; --assumptions, runs where one of MetricRL's
+assumptions breaks, and its fixes.
 
     python experiments.py --compare --env maze     # 60 runs: compare.md and compare.png
     python experiments.py --assumptions            # 54 runs: assumptions.md and .png
@@ -7,8 +9,8 @@ x maps) and --assumptions (runs where one of MetricRL's assumptions breaks, and 
 
 Each row runs --seeds times (from --seed on), each run into its own folder; a sweep started
 again reads the runs it finished back and runs the rest. The knobs a sweep does not set in a
-row are passed to every run (--steps 400, say). This file imports metricrl; metricrl never
-imports it."""
+row are passed to every run (--steps 400, say), and name the sweep's folder. This file
+imports metricrl; metricrl never imports it."""
 import contextlib
 import dataclasses
 import json
@@ -27,7 +29,7 @@ from metricrl import Args, UsageError, say
 @dataclasses.dataclass
 class SweepArgs(Args):  # a run's knobs, and the sweeps' own: each comment is its --help text
     compare: bool = False  # run methods x data qualities, write compare.md and compare.png
-    algos: str = "metricrl,metricrl-linear,gcbc,td"  # --compare: + metricrl-exact/bfs/inverse/raw
+    algos: str = "metricrl,metricrl-linear,gcbc,td"  # methods; also metricrl-exact/bfs/inverse/raw
     epsilons: str = "0,0.25,0.5,0.75,1"  # --compare: behaviour epsilons
     envs: str = ""  # --compare: maps (default: --env)
     assumptions: bool = False  # runs where each assumption breaks: assumptions.md, .png
@@ -135,6 +137,14 @@ def check_sweep(args, given):
         raise UsageError(f"--{clash[0].replace('_', '-')}: --{mode} sets it in each row")
 
 
+def given_knobs(base):
+    """The knobs a sweep passes to all its runs, for its folder's name: "-steps=400", or ""."""
+    plain = Args(env=base.env, algo=base.algo, seed=base.seed)  # the same without them
+    head = metricrl.run_name(plain).removesuffix(f"-s{base.seed}")  # <map>-<algo>
+    tail = metricrl.run_name(base).removeprefix(head)  # -<knobs>-s<seed>
+    return tail.removesuffix(f"-s{base.seed}")
+
+
 def run_args(args, **knobs):
     """The run's knobs of a sweep's args (the sweep's own left out), with `knobs` changed."""
     fields = {field.name: getattr(args, field.name) for field in dataclasses.fields(Args)}
@@ -144,14 +154,14 @@ def run_args(args, **knobs):
 def sweep(args):
     """--compare or --assumptions: each row's runs, a line each, then the table and figure."""
     name = "compare" if args.compare else "assumptions"
-    rows = assumption_rows()
-    root = args.out or os.path.join("runs", name)
-    if args.compare:
-        rows = compare_rows(args)
-        maps = dict.fromkeys(label[0] for label, _ in rows)
-        root = args.out or os.path.join("runs", "-".join([name, *maps]))
     defaults = {knob: getattr(Args(), knob) for knob in SWEEPS[name].knobs}
     base = run_args(args, **defaults, quiet=True)  # the knobs every row starts from
+    rows = assumption_rows()
+    folder = [name]
+    if args.compare:
+        rows = compare_rows(args)
+        folder += dict.fromkeys(label[0] for label, _ in rows)  # the maps
+    root = args.out or os.path.join("runs", "-".join(folder) + given_knobs(base))
     cells = []
     for label, knobs in rows:
         for seed in range(args.seed, args.seed + args.seeds):
@@ -160,7 +170,7 @@ def sweep(args):
             cell.out = os.path.join(root, metricrl.run_name(cell, base))
             cells.append((label, cell))
     done = sum(finished(cell) is not None for _, cell in cells)
-    say(f"--{name}: {len(cells)} runs in {root}, {done} done before")
+    say(f"--{name}: {len(cells)} run(s) in {root}, {done} done before")
     results = {}
     for k, (label, cell) in enumerate(cells, 1):
         metrics = finished(cell) or dict(metricrl.run(cell), fresh=True)

@@ -185,14 +185,14 @@ def parse_layout(text):
         if len(row) != len(rows[0]):
             raise ValueError(f"layout rows differ in length: row {i} has {len(row)} "
                              f"characters, row 0 has {len(rows[0])}")
+    for i, row in enumerate(rows):  # in Python: numpy's string compares can lose a Ctrl-C
+        unknown = [j for j, char in enumerate(row) if char not in CELL_CHARS]
+        if unknown:
+            j = unknown[0]
+            known = ", ".join(f"'{k}' {v}" for k, v in CELL_CHARS.items())
+            raise ValueError(f"unknown character {row[j]!r} at row {i}, column {j} (0-based); "
+                             f"known: {known}")
     grid = np.array([list(row) for row in rows])
-    unknown = np.argwhere(~np.isin(grid, list(CELL_CHARS)))  # (K, 2)
-    if len(unknown):
-        i, j = unknown[0]
-        char = str(grid[i, j])
-        known = ", ".join(f"'{k}' {v}" for k, v in CELL_CHARS.items())
-        raise ValueError(f"unknown character {char!r} at row {i}, column {j} (0-based); "
-                         f"known: {known}")
     if (grid != WALL).sum() < 2:
         raise ValueError("layout has fewer than two free cells")
     return grid
@@ -309,6 +309,7 @@ class GridWorld(gymnasium.Env):
     """The gridworld of the module docstring; its ground truth, cached, read-only, N cells:
         cells               (N, 2) int   (row, col) of each free cell
         index               (H, W) int   cell index of (row, col), -1 on walls
+        one_way             (H, W) bool  the one-way cells
         transitions()       (N, 4) int   next cell index for each cell and action
         distance_matrix()   (N, N) int32 fewest actions from i to j, -1 if unreachable
         optimal_actions()   (N, N, 4) bool  actions from i on a shortest path to j
@@ -325,6 +326,9 @@ class GridWorld(gymnasium.Env):
         self.layout = load_layout(layout)
         self.grid = parse_layout(self.layout)  # (H, W) map characters
         self.height, self.width = self.grid.shape
+        self.one_way = np.zeros(self.grid.shape, dtype=bool)  # (H, W) the one-way cells
+        for char in ONE_WAY:
+            self.one_way |= self.grid == char
         self.cells, self.index, _ = _transitions(self.layout)
         cell = gymnasium.spaces.MultiDiscrete([self.height, self.width])
         self.observation_space = gymnasium.spaces.Dict(
@@ -422,7 +426,7 @@ class GridWorld(gymnasium.Env):
         if self.render_mode == "rgb_array":
             colors = np.full((*self.grid.shape, 3), 235)  # free cells: light grey
             colors[self.grid == WALL] = 40
-            colors[np.isin(self.grid, list(ONE_WAY))] = [235, 200, 120]  # one-way cells
+            colors[self.one_way] = [235, 200, 120]
             colors[tuple(self.cells[self.goal])] = [40, 170, 60]
             colors[tuple(self.cells[self.agent])] = [30, 90, 220]
             pixels = np.kron(colors, np.ones((8, 8, 1)))  # 8 pixels a cell

@@ -39,16 +39,16 @@ class Args:  # each knob's comment is its --help text
     episodes: int = 0  # offline trajectories; 0: 200 per 128 cells of the map
     episode_len: int = 100  # steps per trajectory
     epsilon: float = 1.0  # behaviour: random action with this probability, else an optimal one
-    features: Literal["onehot", "xy"] = "onehot"  # state features
+    features: Literal["onehot", "xy"] = "onehot"  # a cell's features: one-hot, or (row, col)
     slip: float = 0.0  # probability that a move slips to another direction (data, rollouts)
     data: Literal["all", "split"] = "all"  # split: the map's halves collected apart
     super_state: bool = False  # join every trajectory's end to one virtual state
     latent: int = 32  # k, the size of the embedding phi(s)
     hidden: int = 128  # width of the hidden layers of phi and pi
-    critic: Literal["paper", "exact", "bfs"] = "paper"  # exact: learns d; bfs: an oracle
+    critic: Literal["paper", "exact", "bfs"] = "paper"  # the paper's; exact: learns d; bfs: oracle
     lam: float = 1.0  # lambda, weight of the negative (push) term
-    metric: Literal["euclidean", "quasimetric"] = "euclidean"  # d_phi, or asymmetric
-    objective: Literal["paper", "constrained"] = "paper"  # constrained: d(s, s') <= 1
+    metric: Literal["euclidean", "quasimetric"] = "euclidean"  # d_phi; quasimetric: asymmetric
+    objective: Literal["paper", "constrained"] = "paper"  # the paper's, or QRL's: d(s, s') <= 1
     negative: Literal["log", "inverse", "raw"] = "log"  # the push: -log d (the paper), 1/d, -d
     gamma: float = 0.99  # discount in V(s, g) = gamma^d(s, g)
     weighting: Literal["exp", "linear"] = "exp"  # linear: w = A (the authors' code)
@@ -60,11 +60,11 @@ class Args:  # each knob's comment is its --help text
     critic_only: float = 0.2  # share of the steps that train the critic alone (not gcbc, bfs)
     batch_size: int = 0  # metricrl's critic batch: 0, the whole dataset; B > 0, B transitions
     actor_batch: int = 0  # (transition, goal) samples per actor step; 0: max(1024, N^2 / 32)
-    lr: float = 3e-3  # Adam learning rate (see critic_lr() and actor_lr())
+    lr: float = 3e-3  # Adam learning rate; the actor's falls to 0 (critic_lr(), actor_lr())
     eval_every: int = 500  # exact evaluation every this many steps
     out: str = ""  # output folder (default: runs/<map>-<algo>-<knobs changed>-s<seed>)
     load: str = ""  # re-evaluate this model.pt, write the run's files beside it (or in --out)
-    quiet: bool = False  # no progress lines
+    quiet: bool = False  # print nothing (the files are written all the same)
 
 
 # ============================================================================ 1. data
@@ -257,9 +257,8 @@ def embed(critic, x, args):
 # ======================================= 3. value (Sec. 3.1) and advantage (Sec. 3.3)
 def latent_distance(z, zg, metric="euclidean"):
     """d_phi(s, g) row by row: z, zg (..., k) -> (...). euclidean: ||z - zg||, the paper's;
-      quasimetric  ||z_a - zg_a|| + max_i relu(z_b - zg_b)_i, a and b the halves of the
-                   coordinates (Liu et al. 2023): asymmetric, for one-way moves
-      max-relu     max_i relu(z_i - zg_i), --critic exact"""
+      quasimetric  ||z_a - zg_a|| + max_i relu(z_b - zg_b)_i on the halves a, b of the
+                   coordinates (Liu et al. 2023), asymmetric; max-relu: --critic exact's"""
     if metric == "euclidean":
         return (z - zg).norm(dim=-1)
     half = 0
@@ -323,7 +322,7 @@ def balance(data):
 
 def sample(data, n, goals, args):
     """n transitions (s, a, s') of the data and a goal g each, (n,) tensors. goals:
-      uniform    s a uniform cell, a a uniform action there, g a uniform cell (of the data)
+      uniform    s a uniform cell, a uniform action there, g a uniform data cell (departure)
       random, hindsight  any transition, g any dataset state (the paper's), or a later state
                  of its trajectory (GCBC's); mixed: either, half each (td's); None: no goal"""
     m = len(data["s"])
@@ -517,11 +516,10 @@ def critic_distances(critic, x, args):
 
 
 def rollout(table, nxt, limit, slip=0.0, seed=0):
-    """The policy table (N, N) rolled out from every s to every g at once, for up to `limit`
-    steps (seeded slips) -> reached (N, N) bool, steps (N, N). A deterministic table that
-    brings a pair back to a cell loops forever: it stops there, failed (Brent's cycle check).
-    Each pair saves its cell at steps 1, 2, 4, ...: once it is on a loop of length L at a save
-    2^j >= L, it is back at that cell within L steps, before the next save (not with slips)."""
+    """The policy table (N, N) rolled out from every s to every g at once, up to `limit` steps
+    -> reached (N, N) bool, steps (N, N). A deterministic table that brings a pair back to a
+    cell loops forever: it stops there, failed (Brent). Each pair saves its cell at steps 1, 2,
+    4, ...: on a loop of length L at a save 2^j >= L, it is back there within L steps."""
     gen = torch.Generator(device=table.device).manual_seed(seed)
     n = len(table)
     pair = torch.arange(n * n, device=table.device)  # (P,) P = N^2 pairs, p = s * N + g
@@ -540,7 +538,7 @@ def rollout(table, nxt, limit, slip=0.0, seed=0):
         pos[live] = nxt[pos[live], act]
         steps[live] += 1
         going = pos[live] != goal[live]
-        if slip == 0:
+        if slip == 0:  # with slips a return proves nothing
             going &= pos[live] != saved[live]  # back at the saved cell: a loop
         live = live[going]
         if t & (t - 1) == 0:  # t is a power of two
@@ -741,7 +739,7 @@ def show_map(fig, ax, env, values, title, cmap, label, goal, **kw):
     ax.set(title=title, xticks=[], yticks=[], facecolor="0.25")  # walls show the face colour
     row, col = env.cells[goal]
     ax.plot(col, row, "*", color="white", ms=18, mec="k", label="goal g")
-    for r, c in np.argwhere(np.isin(env.grid, list(gridworld.ONE_WAY))):
+    for r, c in np.argwhere(env.one_way):
         ax.text(c, r, env.grid[r, c], ha="center", va="center", color="red", weight="bold")
 
 
@@ -937,7 +935,10 @@ def parse_args(argv=None, knobs=Args, prog="metricrl.py", about=__doc__):
             text += f" (default: {field.default})"
         choices = get_args(field.type) or None  # a Literal's values
         parser.add_argument(flag, type=kind, choices=choices, help=text)
-    given = vars(parser.parse_args(argv))
+    known, unknown = parser.parse_known_args(argv)
+    if unknown:  # --compare, say: a flag of experiments.py
+        raise UsageError(f"unrecognized arguments: {' '.join(unknown)} (sweeps: experiments.py)")
+    given = vars(known)
     return knobs(**given), set(given)
 
 
@@ -1072,8 +1073,7 @@ def exit_with_one_line(prog, error):
     if isinstance(error, FloatingPointError):
         code, note = 1, " (nothing was written)"
     if isinstance(error, KeyboardInterrupt):
-        code, note = 130, "interrupted: a run stopped midway writes nothing"
-        note += "; the same command resumes a sweep"
+        code, note = 130, "interrupted: nothing half-written; the same command resumes a sweep"
     print(f"{prog}: error: {error}{note}", file=sys.stderr)
     sys.exit(code)
 

@@ -917,14 +917,20 @@ def test_optimal_rate_by_hand():
     assert metricrl.optimal_rate(torch.tensor([[0, 2], [3, 0]]), opt, pairs) == 0.5
 
 
-def test_metrics_of_optimal_random_and_looping_policies():
+def test_metrics_of_optimal_random_and_looping_policies_and_distance_errors():
     env = GridWorld("rooms")
     t = truth(env)
     x = metricrl.build(env, Args(), "cpu")[0]
     d = t["d"].float()
-    optimal = metricrl.evaluate(d, TableActor(t["opt"].float()), x, t)
+    optimal = metricrl.evaluate(d, TableActor(t["opt"].float()), x, t)  # and BFS's distances
     assert optimal["success_rate"] == 1.0 and optimal["path_ratio"] == 1.0
     assert optimal["optimal_action_rate"] == 1.0 and optimal["critic_success_rate"] == 1.0
+    assert optimal["distance_error"] == 0 and optimal["distance_error_max"] == 0
+    off = d + 0.25 * (d > 0)  # every pair a quarter step too far: the same greedy policy
+    off[0, 1] += 2  # one pair far off
+    off = metricrl.evaluate(off, TableActor(t["opt"].float()), x, t)
+    n = (d > 0).sum().item()
+    assert off["distance_error"] == pytest.approx(0.25 + 2 / n) and off["distance_error_max"] == 2.25
     torch.manual_seed(0)
     random = metricrl.evaluate(-d, TableActor(torch.randn(t["opt"].shape)), x, t)
     assert random["success_rate"] < 0.5 and random["optimal_action_rate"] < 0.7
@@ -933,20 +939,6 @@ def test_metrics_of_optimal_random_and_looping_policies():
     up[..., 0] = 1  # always up: stuck at the top wall, never reaches a goal below
     looping = metricrl.evaluate(None, TableActor(up), x, t)
     assert looping["success_rate"] < 0.5 and np.isnan(looping["critic_success_rate"])
-
-
-def test_distance_error_is_zero_for_the_bfs_table_and_measures_an_offset():
-    env = GridWorld("rooms")
-    t = truth(env)
-    x = metricrl.build(env, Args(), "cpu")[0]
-    d = t["d"].float()
-    exact = metricrl.evaluate(d, TableActor(t["opt"].float()), x, t)
-    assert exact["distance_error"] == 0 and exact["distance_error_max"] == 0
-    off = d + 0.25 * (d > 0)  # every pair a quarter step too far: the same greedy policy
-    off[0, 1] += 2  # one pair far off
-    off = metricrl.evaluate(off, TableActor(t["opt"].float()), x, t)
-    n = (d > 0).sum().item()
-    assert off["distance_error"] == pytest.approx(0.25 + 2 / n) and off["distance_error_max"] == 2.25
 
 
 # ------------------------------------------------------------------ a run end to end

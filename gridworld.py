@@ -12,7 +12,8 @@ actions are then not invertible, and `distance_matrix()` is from row to column.
 
 ## Observation Space
 A `Dict` (Gymnasium-Robotics' goal-conditioned convention) of (row, col) int64 arrays,
-shape (2,): `observation` and `achieved_goal` (the agent), `desired_goal` (the goal).
+shape (2,): `observation` and `achieved_goal` (the agent), `desired_goal` (the goal); as
+RGB images through the wrapper `ImageObservation(env, tile)`.
 
 ## Starting State
 Start and goal are drawn uniformly over the ordered pairs of distinct cells with a path
@@ -39,6 +40,7 @@ import numpy as np
 
 MOVES = np.array([(-1, 0), (0, 1), (1, 0), (0, -1)])  # (d_row, d_col): up, right, down, left
 WALL, FREE = "#", "."  # map characters
+AGENT = (30, 90, 220)  # the agent's colour in images
 ONE_WAY = {"^": 0, ">": 1, "v": 2, "<": 3}  # one-way cells, left only by this action
 ONE_WAY_NAMES = {char: f"one-way cell (left only by action {a})" for char, a in ONE_WAY.items()}
 CELL_CHARS = {WALL: "wall", FREE: "free cell", **ONE_WAY_NAMES}  # for error messages
@@ -424,13 +426,74 @@ class GridWorld(gymnasium.Env):
             grid[tuple(self.cells[self.agent])] = "A"
             return "\n".join("".join(row) for row in grid)
         if self.render_mode == "rgb_array":
-            colors = np.full((*self.grid.shape, 3), 235)  # free cells: light grey
-            colors[self.grid == WALL] = 40
-            colors[self.one_way] = [235, 200, 120]
+            colors = self.colors()
             colors[tuple(self.cells[self.goal])] = [40, 170, 60]
-            colors[tuple(self.cells[self.agent])] = [30, 90, 220]
-            pixels = np.kron(colors, np.ones((8, 8, 1)))  # 8 pixels a cell
-            return pixels.astype(np.uint8)
+            colors[tuple(self.cells[self.agent])] = AGENT
+            return colors.repeat(8, axis=0).repeat(8, axis=1)  # 8 pixels a cell
+
+    def colors(self):
+        """(H, W, 3) uint8: the map's colour per cell, walls dark, one-way cells orange."""
+        colors = np.full((*self.grid.shape, 3), 235, dtype=np.uint8)  # free: light grey
+        colors[self.grid == WALL] = 40
+        colors[self.one_way] = [235, 200, 120]
+        return colors
+
+    @functools.lru_cache(maxsize=4)  # maze51: seconds of checks
+    def held_out(self, share, seed):
+        """(N,) bool: round(share * N) cells, seeded, such that the other cells stay connected
+        (a move counts both ways): a test of unseen cells, not of a corridor cut in two."""
+        queue = list(np.random.default_rng(seed).permutation(len(self.cells)))
+        held = np.zeros(len(self.cells), dtype=bool)
+        refused = 0  # in a row: when every cell left would cut the map, stop
+        while held.sum() < round(share * len(self.cells)) and refused < len(queue):
+            cell = queue.pop(0)
+            held[cell] = True
+            if not _connected(self.transitions(), ~held):
+                held[cell] = False  # it joins the others now; maybe not once its neighbours go
+                queue.append(cell)
+            refused = 0 if held[cell] else refused + 1
+        return held
+
+
+def _connected(nxt, keep):
+    """Whether the cells in keep (N,) bool reach each other by moves inside keep, either way."""
+    reached = np.arange(len(keep)) == np.argmax(keep)  # (N,) one kept cell
+    while True:
+        grown = reached | reached[nxt].any(1)  # one move backwards,
+        grown[nxt[reached]] = True  # and forwards
+        grown &= keep
+        if (grown == reached).all():
+            return (reached == keep).all()
+        reached = grown
+
+
+# ---------------------------------------------------------------------- images
+class ImageObservation(gymnasium.ObservationWrapper, gymnasium.utils.RecordConstructorArgs):
+    """Observations as RGB images of the map, `tile` pixels a cell (as MiniGrid's
+    RGBImgObsWrapper), (H * tile, W * tile, 3) uint8: `observation`, `achieved_goal`: the map,
+    the agent's cell blue; `desired_goal`: the agent at the goal, as the authors' MiniGrid code
+    draws a goal (theirs marks the goal in every image too; not here: phi(s) sees s alone)."""
+
+    def __init__(self, env, tile=8):
+        gymnasium.utils.RecordConstructorArgs.__init__(self, tile=tile)  # check_env remakes it
+        gymnasium.ObservationWrapper.__init__(self, env)
+        self.tile = tile
+        height, width = env.unwrapped.grid.shape
+        image = gymnasium.spaces.Box(0, 255, (height * tile, width * tile, 3), np.uint8)
+        keys = ("observation", "achieved_goal", "desired_goal")
+        self.observation_space = gymnasium.spaces.Dict(dict.fromkeys(keys, image))
+
+    def observation(self, observation):
+        cells = {key: self.unwrapped.cell_indices(rc) for key, rc in observation.items()}
+        return {key: self.images([cell])[0] for key, cell in cells.items()}
+
+    def images(self, cells):
+        """Cell indices (B,) -> (B, H * tile, W * tile, 3) uint8: the map, the agent in each."""
+        env = self.unwrapped
+        pictures = np.repeat(env.colors()[None], len(cells), axis=0)  # (B, H, W, 3)
+        rows, cols = env.cells[np.asarray(cells)].T
+        pictures[np.arange(len(cells)), rows, cols] = AGENT
+        return pictures.repeat(self.tile, axis=1).repeat(self.tile, axis=2)
 
 
 if "GridWorld-v0" not in gymnasium.registry:

@@ -1,10 +1,13 @@
-"""The README's sweeps of metricrl.py runs: --compare, or --assumptions (one at a time).
+"""The README's sweeps of metricrl.py runs (--compare, --assumptions, --observations), and
+Agent, a finished run's policy from its model.pt.
 
 --compare runs methods x data qualities x maps; --assumptions, runs where one of MetricRL's
-assumptions breaks, and its fixes.
+assumptions breaks, and its fixes; --observations, each map from one-hot cells, coordinates
+and images, with cells held out of the data, and with moves one way only.
 
     python experiments.py --compare --env maze     # 60 runs: compare.md and compare.png
-    python experiments.py --assumptions            # 54 runs: assumptions.md and .png
+    python experiments.py --assumptions            # 30 runs: assumptions.md and .png
+    python experiments.py --observations           # 66 runs: observations.md and .png
     python experiments.py --help                   # a run's knobs and the sweeps' own
 
 Each row runs --seeds times (from --seed on), each run into its own folder; a sweep started
@@ -29,10 +32,11 @@ from metricrl import Args, UsageError, say
 @dataclasses.dataclass
 class SweepArgs(Args):  # a run's knobs, and the sweeps' own: each comment is its --help text
     compare: bool = False  # run methods x data qualities, write compare.md and compare.png
-    algos: str = "metricrl,metricrl-linear,gcbc,td"  # methods; also metricrl-exact/bfs/inverse/raw
+    algos: str = "metricrl,metricrl-linear,gcbc,td"  # methods; also metricrl-exact, metricrl-bfs
     epsilons: str = "0,0.25,0.5,0.75,1"  # --compare: behaviour epsilons
     envs: str = ""  # --compare: maps (default: --env)
     assumptions: bool = False  # runs where each assumption breaks: assumptions.md, .png
+    observations: bool = False  # features x maps, held-out cells, one-way data: observations.md
     seeds: int = 3  # seeds per row, from --seed on
 
 
@@ -48,17 +52,21 @@ SWEEPS = {
     "compare": Sweep(("env", "method", "ε"),
                      ("success_rate", "path_ratio", "optimal_action_rate",
                       "critic_success_rate", "distance_error", "seconds"),
-                     ("env", "algo", "weighting", "negative", "critic", "epsilon")),
+                     ("env", "algo", "weighting", "critic", "epsilon")),
     "assumptions": Sweep(("experiment", "map", "variant"),
                          ("success_rate", "path_ratio", "optimal_action_rate",
                           "value_greedy_rate", "critic_success_rate", "spearman"),
-                         ("env", "algo", "weighting", "negative", "critic", "metric",
-                          "objective", "slip", "data", "super_state")),
+                         ("env", "algo", "weighting", "critic", "metric", "slip", "data",
+                          "super_state")),
+    "observations": Sweep(("experiment", "map", "features"),
+                          ("success_rate", "critic_success_rate", "success_seen",
+                           "success_unseen", "critic_success_seen", "critic_success_unseen",
+                           "seconds"),
+                          ("env", "features", "holdout", "data", "episodes")),
 }
 VARIANTS = {  # --algos: a method's name in --compare, and the knobs that make it
     "metricrl": {}, "metricrl-linear": {"weighting": "linear"},
     "gcbc": {"algo": "gcbc"}, "td": {"algo": "td"},
-    "metricrl-inverse": {"negative": "inverse"}, "metricrl-raw": {"negative": "raw"},
     "metricrl-bfs": {"critic": "bfs"}, "metricrl-exact": {"critic": "exact"},
 }
 
@@ -78,10 +86,22 @@ def assumption_rows():
     rows.append((("connected data", "rooms", "split"), split))
     rows.append((("connected data", "rooms", "split + super-state"),
                  {**split, "super_state": True}))
-    constrained = {"objective": "constrained", "metric": "quasimetric"}
-    for env in ("maze", "rooms", "oneway", "maze25"):
-        rows.append((("the objective", env, "paper's loss"), {"env": env}))
-        rows.append((("the objective", env, "constrained"), {"env": env, **constrained}))
+    return rows
+
+
+def observation_rows():
+    """--observations' rows: each map from each kind of observation, with all its cells in
+    the data and with 10% held out; on maze, moves one way only, and all moves as many."""
+    rows = []
+    for env in ("maze", "rooms", "open"):
+        for features in ("onehot", "xy", "image"):
+            knobs = {"env": env, "features": features}
+            rows.append((("all cells", env, features), knobs))
+            rows.append((("10% held out", env, features), {**knobs, "holdout": 0.1}))
+    for features in ("onehot", "xy"):  # 200 trajectories one way: 14,874 transitions, seed 0
+        rows.append((("one direction", "maze", features),
+                     {"features": features, "data": "one-direction"}))
+        rows.append((("all, as many", "maze", features), {"features": features, "episodes": 149}))
     return rows
 
 
@@ -122,13 +142,13 @@ def check_sweep(args, given):
     """Raise UsageError for a flag the sweep cannot honour."""
     metricrl.check_args(args)
     metricrl.require(args, "seeds", args.seeds > 0, "positive")
-    if args.compare and args.assumptions:
-        raise UsageError("--compare and --assumptions are two modes: use one")
-    if not (args.compare or args.assumptions):
-        raise UsageError("give --compare or --assumptions (one run: python metricrl.py)")
-    mode = "compare" if args.compare else "assumptions"
-    if args.load:
-        raise UsageError(f"--{mode} trains its own runs: drop --load")
+    modes = [name for name in SWEEPS if getattr(args, name)]
+    if len(modes) > 1:
+        raise UsageError(f"--{modes[0]} and --{modes[1]} are two modes: use one")
+    if not modes:
+        raise UsageError("give --compare, --assumptions or --observations (one run: "
+                         "python metricrl.py)")
+    mode = modes[0]
     per_row = set(SWEEPS[mode].knobs)
     if mode == "compare":
         per_row.discard("env")  # --compare's map, unless --envs lists several
@@ -152,11 +172,13 @@ def run_args(args, **knobs):
 
 
 def sweep(args):
-    """--compare or --assumptions: each row's runs, a line each, then the table and figure."""
-    name = "compare" if args.compare else "assumptions"
+    """A sweep (--compare, ...): each row's runs, a line each, then the table and figure."""
+    name = [mode for mode in SWEEPS if getattr(args, mode)][0]
     defaults = {knob: getattr(Args(), knob) for knob in SWEEPS[name].knobs}
     base = run_args(args, **defaults, quiet=True)  # the knobs every row starts from
     rows = assumption_rows()
+    if args.observations:
+        rows = observation_rows()
     folder = [name]
     if args.compare:
         rows = compare_rows(args)
@@ -270,8 +292,31 @@ def sweep_plot(path, name, labels, results):
     fig.savefig(path, dpi=80)
 
 
+class Agent:
+    """A run's trained policy, from its model.pt: Agent(path).act(states, goals), (row, col)s
+    (B, 2) -> actions (B,); .env, .args, .history, .x, .critic, .actor for analyses."""
+    def __init__(self, path, device="cpu"):
+        ckpt = dict(torch.load(path, map_location=device, weights_only=True))
+        knobs = {k: v for k, v in ckpt["args"].items() if k in Args.__annotations__}
+        self.args, self.history = Args(**knobs), ckpt["history"]
+        self.env = metricrl.gridworld.GridWorld(ckpt["layout"])
+        self.x, self.critic, self.actor = metricrl.build(self.env, self.args, device)
+        if self.critic is not None:
+            self.critic.load_state_dict(ckpt["critic"])
+        self.actor.load_state_dict(ckpt["actor"])
+
+    @torch.no_grad()
+    def act(self, states, goals):
+        s = torch.as_tensor(np.atleast_1d(self.env.cell_indices(states)), device=self.x.device)
+        g = torch.as_tensor(np.atleast_1d(self.env.cell_indices(goals)), device=self.x.device)
+        s, g = torch.broadcast_tensors(s, g)
+        seen = metricrl.actor_input(self.critic, self.x, self.args)
+        return self.actor(seen, s, g).argmax(-1).cpu().numpy()
+
+
+
 def main(argv=None):
-    """The command line: python experiments.py --compare|--assumptions [knobs]."""
+    """The command line: python experiments.py --compare|--assumptions|--observations."""
     metricrl.replace_unknown_characters()
     try:
         args, given = metricrl.parse_args(argv, SweepArgs, "experiments.py", __doc__)

@@ -39,17 +39,19 @@ class Args:  # each knob's comment is its --help text
     episodes: int = 0  # offline trajectories; 0: 200 per 128 cells of the map
     episode_len: int = 100  # steps per trajectory
     epsilon: float = 1.0  # behaviour: random action with this probability, else an optimal one
-    features: Literal["onehot", "xy"] = "onehot"  # a cell's features: one-hot, or (row, col)
+    features: Literal["onehot", "xy", "image"] = "onehot"  # a cell: one-hot, (row, col), or RGB
+    fourier: int = 4  # --features xy: L, sin and cos of (row, col) at L frequencies; 0: none
+    tile: int = 2  # --features image: pixels a cell side (the paper's: 8, a GPU's work)
+    channels: int = 16  # --features image: channels of each convolution (the paper's: 64)
+    holdout: float = 0.0  # share of the cells that the data never visits (seeded; rest connected)
     slip: float = 0.0  # probability that a move slips to another direction (data, rollouts)
-    data: Literal["all", "split"] = "all"  # split: the map's halves collected apart
+    data: Literal["all", "split", "one-direction"] = "all"  # split: halves apart; one-direction
     super_state: bool = False  # join every trajectory's end to one virtual state
     latent: int = 32  # k, the size of the embedding phi(s)
     hidden: int = 128  # width of the hidden layers of phi and pi
     critic: Literal["paper", "exact", "bfs"] = "paper"  # the paper's; exact: learns d; bfs: oracle
     lam: float = 1.0  # lambda, weight of the negative (push) term
     metric: Literal["euclidean", "quasimetric"] = "euclidean"  # d_phi; quasimetric: asymmetric
-    objective: Literal["paper", "constrained"] = "paper"  # the paper's, or QRL's: d(s, s') <= 1
-    negative: Literal["log", "inverse", "raw"] = "log"  # the push: -log d (the paper), 1/d, -d
     gamma: float = 0.99  # discount in V(s, g) = gamma^d(s, g)
     weighting: Literal["exp", "linear"] = "exp"  # linear: w = A (the authors' code)
     beta: float = 6.0  # inverse temperature of the exp weights
@@ -58,12 +60,10 @@ class Args:  # each knob's comment is its --help text
     expectile: float = 0.7  # td: expectile of the TD target
     steps: int = 2600  # gradient steps in all
     critic_only: float = 0.2  # share of the steps that train the critic alone (not gcbc, bfs)
-    batch_size: int = 0  # metricrl's critic batch: 0, the whole dataset; B > 0, B transitions
     actor_batch: int = 0  # (transition, goal) samples per actor step; 0: max(1024, N^2 / 32)
-    lr: float = 3e-3  # Adam learning rate; the actor's falls to 0 (critic_lr(), actor_lr())
+    lr: float = 3e-3  # Adam learning rate; the actor's falls to 0 (learning_rates())
     eval_every: int = 500  # exact evaluation every this many steps
     out: str = ""  # output folder (default: runs/<map>-<algo>-<knobs changed>-s<seed>)
-    load: str = ""  # re-evaluate this model.pt, write the run's files beside it (or in --out)
     quiet: bool = False  # print nothing (the files are written all the same)
 
 
@@ -82,8 +82,10 @@ def collect_dataset(env, args, rng):
     n = len(nxt)
     e = args.episodes or default_episodes(n)
     right_half = 2 * env.cells[:, 1] >= env.width  # (N,), for --data split
-    state = rng.integers(n, size=e)  # (E,)
-    target = rng.integers(n, size=e)  # (E,)
+    held = env.held_out(args.holdout, args.seed)  # (N,) bool: cells the data never visits
+    kept = np.flatnonzero(~held)  # (N_kept,)
+    state = rng.choice(kept, size=e)  # (E,)
+    target = rng.choice(kept, size=e)  # (E,)
     steps = []
     for t in range(args.episode_len):
         expert = optimal[state, target]  # (E, 4); no optimal action at the target
@@ -100,108 +102,130 @@ def collect_dataset(env, args, rng):
         if args.data == "split":  # a move across the map's two halves stays in place
             crosses = right_half[after] != right_half[state]
             after = np.where(crosses, state, after)
+        after = np.where(held[after], state, after)  # a held-out cell: a wall for the data
         steps.append({"s": state, "a": act, "s2": after,
                       "episode": np.arange(e), "t": np.full(e, t)})
         state = after
-        new_target = rng.integers(n, size=e)
+        new_target = rng.choice(kept, size=e)
         target = np.where(state == target, new_target, target)
     columns = {key: np.concatenate([step[key] for step in steps]) for key in steps[0]}
+    if args.data == "one-direction":  # of u -> v and v -> u, one way per pair (Sec. 3.4)
+        s, s2 = columns["s"], columns["s2"]
+        forward = rng.random((n, n)) < 0.5  # [u, v] for u < v: whether u -> v is kept
+        way_kept = forward[np.minimum(s, s2), np.maximum(s, s2)]  # (M,); bumps stay
+        kept_rows = (s == s2) | (way_kept == (s < s2))  # no longer whole trajectories
+        columns = {key: column[kept_rows] for key, column in columns.items()}
     return {key: torch.as_tensor(column) for key, column in columns.items()}
 
 
 def cell_features(env, args):
-    """x (N, F) (departure: not observations): one-hot, F = N, or (row, col) in [-1, 1]."""
+    """Each cell's observation x: one-hot (N, N); (row, col) in [-1, 1] and their sin and cos
+    at L frequencies pi 2^0 .. pi 2^(L-1) (departure: Fourier features), (N, 2 + 4L); or the
+    RGB image of the map with the agent in that cell (Gymnasium's wrapper), (N, 3, H, W)."""
     if args.features == "onehot":
         return torch.eye(len(env.cells))
-    rows_cols = torch.tensor(env.cells, dtype=torch.float32)  # (N, 2)
-    size = torch.tensor([env.height - 1, env.width - 1], dtype=torch.float32).clamp(min=1)
-    return 2 * rows_cols / size - 1
+    if args.features == "image":
+        images = gridworld.ImageObservation(env, args.tile).images(np.arange(len(env.cells)))
+        return torch.as_tensor(images).permute(0, 3, 1, 2) / 255  # channels first, in [0, 1]
+    size = torch.tensor([env.height - 1, env.width - 1]).clamp(min=1)
+    xy = 2 * torch.tensor(env.cells, dtype=torch.float32) / size - 1  # (N, 2) in [-1, 1]
+    scales = math.pi * 2.0 ** torch.arange(args.fourier)  # (L,)
+    angles = (xy[:, :, None] * scales).flatten(1)  # (N, 2L)
+    return torch.cat([xy, angles.sin(), angles.cos()], dim=1)
+
+
+def torso(args, x):
+    """What reads x (N, ...) -> (N, F), a list of layers, and F: for images the paper's CNN, four
+    3 x 3 convolutions, strides 1, 2, 2, 2, no padding, flattened (then theirs: 64 units)."""
+    if args.features != "image":
+        return [], x.shape[1]
+    # black pixels right and below to 8 m + 9 a side, where the last layer sees every pixel
+    pad_rows, pad_cols = [(9 - side) % 8 for side in x.shape[2:]]
+    c = args.channels
+    layers = [nn.ZeroPad2d((0, pad_cols, 0, pad_rows)), nn.Conv2d(3, c, 3), nn.ReLU()]
+    for _ in range(3):
+        layers += [nn.Conv2d(c, c, 3, stride=2), nn.ReLU()]
+    cnn = nn.Sequential(*layers, nn.Flatten())
+    return [cnn], cnn(x[:1]).shape[1]  # F: C x the last feature map's pixels
 
 
 class PairNet(nn.Module):
-    """An MLP on [x_s; x_g]: the actor pi(a | s, g), or td's V(s, g)."""
-    def __init__(self, features, hidden, outputs=4):
+    """An MLP on [x_s; x_g]: the actor pi(a | s, g), or td's V(s, g); torso: a CNN on images."""
+    def __init__(self, features, hidden, outputs=4, torso=()):
         super().__init__()
+        self.torso = nn.Sequential(*torso)  # no layer: x as it is
         self.s_in = nn.Linear(features, hidden)  # W_s, b
         self.g_in = nn.Linear(features, hidden, bias=False)  # W_g
         self.body = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                                   nn.Linear(hidden, outputs))
 
     def forward(self, x, s, g):
-        """x (N, F), s, g (B,) -> (B, outputs); W_s x + W_g x once a cell, gathered (departure)."""
-        from_s = self.s_in(x).index_select(0, s)  # (B, hidden)
-        from_g = self.g_in(x).index_select(0, g)  # (B, hidden)
+        """x (N, ...), s, g (B,) -> (B, outputs); each cell's W_s x + W_g x once, gathered."""
+        h = self.torso(x)  # (N, F)
+        from_s = self.s_in(h).index_select(0, s)  # (B, hidden)
+        from_g = self.g_in(h).index_select(0, g)  # (B, hidden)
         return self.body(from_s + from_g)
 
 
-def build_critic(env, args, features):
+def build_critic(env, args, x):
     """The critic: phi for metricrl (bfs: BFS's table), td's V(s, g), or None (gcbc)."""
     if args.algo == "gcbc":
         return None
+    layers, f = torso(args, x)
     if args.algo == "td":
-        return PairNet(features, args.hidden, outputs=1)
+        return PairNet(f, args.hidden, outputs=1, torso=layers)
     if args.critic == "bfs":  # the BFS distance as a frozen table: an oracle
         d = torch.tensor(env.distance_matrix(), dtype=torch.float32)
         return nn.Embedding.from_pretrained(d)
     if args.critic == "exact":  # linear, k = N (+ 1 super-state): a table on one-hot cells
-        return nn.Linear(features, len(env.cells) + args.super_state, bias=False)
+        return nn.Sequential(*layers, nn.Linear(f, len(env.cells) + args.super_state, bias=False))
     h = args.hidden  # phi: F -> k, an MLP (departure: theirs is residual); add layers here
-    return nn.Sequential(nn.Linear(features, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(),
+    return nn.Sequential(*layers, nn.Linear(f, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(),
                          nn.Linear(h, args.latent))
 
 
 def build(env, args, device):
-    """The features x (N, F), the critic (or None) and the actor, on the device."""
-    x = cell_features(env, args).to(device)
-    critic = build_critic(env, args, x.shape[1])
+    """The observations x (N, ...), the critic (or None) and the actor, on the device."""
+    x = cell_features(env, args)
+    critic = build_critic(env, args, x)
+    layers, f = torso(args, x)
+    seen = actor_input(critic, x, args)  # x, or the critic's CNN features (N, F)
+    if seen is not x:  # then the actor has no CNN of its own
+        layers, f = [], seen.shape[1]
+    actor = PairNet(f, args.hidden, torso=layers).to(device)
     if critic is not None:
         critic = critic.to(device)
-    actor = PairNet(x.shape[1], args.hidden).to(device)
-    return x, critic, actor
+    return x.to(device), critic, actor
+
+
+@torch.no_grad()
+def actor_input(critic, x, args):
+    """What the actor reads: x; with images and a learned critic, the critic's CNN features (N,
+    F), standardized over the cells: a torso shared with the critic (departure), trained by
+    its loss alone (with a CNN of its own the actor often learned one action for all: README)."""
+    if args.features != "image" or args.algo == "gcbc" or args.critic == "bfs":
+        return x
+    cnn = critic.torso if args.algo == "td" else critic[0]
+    h = cnn(x)  # (N, F), most of it the map that every image shows alike: standardized
+    return (h - h.mean(0)) / h.std(0).clamp(min=1e-3)  # a constant feature stays about 0
 
 
 # =========================================================== 2. critic (paper Sec. 3)
-def push(d, shape, eps=1e-6):
-    """The negative term at latent distance d: -log d (the paper's), 1/d or -d."""
-    if shape == "log":
-        return -torch.log(d + eps)
-    if shape == "inverse":
-        return 1 / (d + eps)
-    return -d
-
-
 def weighted_mean(values, counts):
     """The mean over pairs when each entry of values stands for `counts` of them."""
     return (counts * values).sum() / counts.sum().clamp(min=1)
 
 
-def metric_loss(d_pos, n_pos, d_neg, n_neg, args, mu=None):
-    """The critic's loss (Sec. 3) over pairs of states, each entry d counted n times:
+def metric_loss(d, moves, pairs, args):
+    """The critic's loss (Sec. 3) from d (N, N) = d_phi of every pair of cells, counted by
+    pair_counts() (N, N) each:
       positive = mean over moves s -> s'                     (d_phi(s, s') - 1)^2
-      negative = mean over other pairs (s_i, s'_j), i != j   -log d_phi(s_i, s'_j) (push())
-      loss     = positive + lambda * negative
-    --objective constrained (QRL, Wang et al. 2023): all pairs apart, subject to d(s, s') <= 1:
-      loss     = -mean d_phi(s_i, s'_j) + mu * mean relu(d_phi(s, s') - 1)^2, mu a multiplier"""
-    if args.objective == "constrained":
-        spread = weighted_mean(d_neg, n_neg + n_pos)
-        violation = weighted_mean((d_pos - 1).relu() ** 2, n_pos)
-        return -spread + mu * violation, {"push": spread, "violation": violation}
-    positive = weighted_mean((d_pos - 1) ** 2, n_pos)
-    negative = weighted_mean(push(d_neg, args.negative), n_neg)
+      negative = mean over other pairs (s_i, s'_j), i != j   -log d_phi(s_i, s'_j)
+      loss     = positive + lambda * negative"""
+    positive = weighted_mean((d - 1) ** 2, moves)
+    negative = weighted_mean(-torch.log(d + 1e-6), pairs)
     loss = positive + args.lam * negative
     return loss, {"positive": positive, "negative": negative}
-
-
-def batch_pairs(z, z2, s, s2, metric):
-    """B transitions as metric_loss's pairs (--batch-size B), z, z2 = phi(s), phi(s') (B, k):
-      d_pos, n_pos (B,)    d_phi(s_i, s'_i), counted if s' != s (departure: their d_pos is B x B)
-      d_neg, n_neg (B, B)  d_phi(s_i, s'_j), counted if i != j and s_i != s'_j (departure)"""
-    d_pos = latent_distance(z, z2, metric)
-    n_pos = (s != s2).float()
-    other_cell = s[:, None] != s2[None, :]
-    off_diagonal = ~torch.eye(len(s), dtype=torch.bool, device=s.device)
-    n_neg = (other_cell & off_diagonal).float()
-    return d_pos, n_pos, pairwise(z, z2, metric), n_neg
 
 
 def pair_counts(data, n):
@@ -224,11 +248,9 @@ def exact_loss(z, moves, pairs, mu):
     d_phi(s, g) = max_c relu(z_c(s) - z_c(g)) (latent_distance's "max-relu").
       loss = -mean_(s, g) min(z_g(s) - z_g(g), N)                 each pair, on its goal's
              + mu * mean_(u -> v, c) relu(z_c(u) - z_c(v) - 1)^2  every coordinate, every move
-    Why it is the shortest-path distance: the penalty holds z_c(u) <= z_c(v) + 1 on each move
-    u -> v of the data; summed along a path from s to g, z_c(s) - z_c(g) <= the path's length
-    for every c, so at most d(s, g). The push raises z_g(s) - z_g(g) as far as that allows: a
-    linear program per coordinate g whose optimum is d(s, g) (the cap N keeps unreachable
-    pairs finite), so the max over c is d(s, g). It reads the data's moves, never BFS."""
+    Why d(s, g): summed along a path of the data's moves, the penalty's z_c(u) <= z_c(v) + 1
+    gives z_c(s) - z_c(g) <= d(s, g) for every c; the push raises z_g(s) - z_g(g) to that
+    bound (a linear program per goal g; the cap N for unreachable pairs). Never reads BFS."""
     u, v = moves.nonzero().T  # (K,) each: the data's K distinct moves u -> v
     rise = z - z.diagonal()  # (N, N): [s, g] = z_g(s) - z_g(g), row s less the diagonal
     raised = weighted_mean(rise.clamp(max=len(z)), moves + pairs)  # over the data's pairs
@@ -250,7 +272,7 @@ def with_super_state(data, args, n):
 def embed(critic, x, args):
     """phi of every cell, (N, k); with --super-state one more row, from all-zero features."""
     if args.super_state:
-        x = torch.cat([x, x.new_zeros(1, x.shape[1])])
+        x = torch.cat([x, x.new_zeros(1, *x.shape[1:])])
     return critic(x)
 
 
@@ -309,10 +331,8 @@ def actor_loss(logits, a, w):
 
 def balance(data):
     """For --goals uniform: the cells the data leaves from (C,), and a weight per transition
-    (M,) that makes s of a weighted draw a uniform cell, a a uniform action of the data at s.
-    Why: each transition of the move (s, a) weighs 1 / (n(s, a) k(s)), n(s, a) the move's
-    transitions, k(s) the distinct actions the data takes at s. So a move's transitions weigh
-    1 / k(s) together, the k(s) moves at s weigh 1: each cell alike, each action at it alike."""
+    (M,), 1 / (n(s, a) k(s)): n(s, a) transitions of the move (s, a), k(s) distinct actions at
+    s. So a weighted draw's s is a uniform cell, a a uniform action of the data at s."""
     move = 4 * data["s"] + data["a"]  # (M,) the move (s, a) as one index
     per_move = torch.bincount(move)[move]  # (M,) n(s, a)
     actions = torch.bincount(torch.unique(move) // 4)  # k(s) for s = 0, 1, ... up to the last
@@ -363,8 +383,7 @@ def td_loss(v, v_target, x, s, s2, g, args):
 
 # ========================================================== 6. training (Algorithm 1)
 TARGET_RATE = 0.5  # td: V_target moves this share of the way to V after each step (tuned)
-DUAL_RATE, DUAL_MAX = 10.0, 1e4  # --objective constrained: mu += rate * violation, capped
-EXACT_DUAL_RATE, EXACT_DUAL_MAX = 1e4, 1e6  # --critic exact's mu (measured: README)
+EXACT_DUAL_RATE, EXACT_DUAL_MAX = 1e4, 1e6  # exact: mu += rate * violation, to a cap (README)
 EXACT_LR = 0.2  # --critic exact's Adam learning rate, falling towards 0 (measured: README)
 EXACT_BETAS = (0.5, 0.9)  # and its Adam betas (measured: README)
 
@@ -380,20 +399,12 @@ def critic_step(critic, x, data, counts, args, memory):
         return loss, {"td_loss": loss}, None
     z = embed(critic, x, args)  # (N, k): phi of every cell, a batch gathers rows (departure)
     moves, pairs = counts
-    if args.critic == "exact":
-        loss, info = exact_loss(z, moves, pairs, memory["mu"])
-    elif args.batch_size > 0:  # the authors' minibatches of transitions
-        s, _, s2, _ = sample(data, args.batch_size, None, args)  # (B,)
-        d_pos, n_pos, d_neg, n_neg = batch_pairs(z[s], z[s2], s, s2, args.metric)
-        loss, info = metric_loss(d_pos, n_pos, d_neg, n_neg, args, memory["mu"])
-    else:  # the whole dataset, per pair of cells: positives and negatives both (N, N)
-        d = pairwise(z, z, args.metric)
-        loss, info = metric_loss(d, moves, d, pairs, args, memory["mu"])
-    if "violation" in info:  # dual ascent: mu grows with the mean violation, to a cap
-        rate, cap = DUAL_RATE, DUAL_MAX
-        if args.critic == "exact":
-            rate, cap = EXACT_DUAL_RATE, EXACT_DUAL_MAX
-        memory["mu"] = (memory["mu"] + rate * info["violation"].detach()).clamp(max=cap)
+    if args.critic != "exact":  # the whole dataset, per pair of cells (departure)
+        loss, info = metric_loss(pairwise(z, z, args.metric), moves, pairs, args)
+        return loss, info, z
+    loss, info = exact_loss(z, moves, pairs, memory["mu"])
+    rise = EXACT_DUAL_RATE * info["violation"].detach()  # dual ascent: mu grows with it
+    memory["mu"] = (memory["mu"] + rise).clamp(max=EXACT_DUAL_MAX)
     return loss, info, z
 
 
@@ -402,7 +413,7 @@ def actor_weights(critic, x, z, s, s2, g, args):
     """w (B,) from the critic's distances to g from s and from s' (d_phi from this step's z
     (N, k), td's log_gamma V, the oracle's BFS distance); gcbc's all 1: plain imitation."""
     if critic is None:
-        return torch.ones(len(s), device=x.device)
+        return torch.ones_like(s, dtype=torch.float)
     if args.critic == "bfs":
         d, d2 = critic.weight[s, g], critic.weight[s2, g]
     elif args.algo == "td":
@@ -420,18 +431,14 @@ def actor_budget(n):
     return max(1024, n * n // 32)
 
 
-def critic_lr(done, args):
-    """The critic's learning rate after `done` steps: --lr; exact's, 0.2 falling towards 0."""
+def learning_rates(done, args, actor_from):
+    """The critic's and the actor's after `done` steps: the critic's --lr (exact's, 0.2 falling
+    towards 0); the actor's --lr from its first step, falling linearly towards 0 (departure)."""
+    critic = args.lr
     if args.critic == "exact":
-        return EXACT_LR * (1 - done / args.steps)
-    return args.lr
-
-
-def actor_lr(done, args, actor_from):
-    """The actor's: --lr from its first step, falling linearly towards 0 (departure)."""
-    left = args.steps - done
+        critic = EXACT_LR * (1 - done / args.steps)
     span = max(1, args.steps - actor_from)
-    return args.lr * min(1.0, left / span)
+    return critic, args.lr * min(1.0, (args.steps - done) / span)
 
 
 def train(data, x, critic, actor, args, truth=None):
@@ -459,8 +466,7 @@ def train(data, x, critic, actor, args, truth=None):
     counts = pair_counts(critic_data, len(x) + args.super_state)
     log = Progress(args, critic, actor, x, truth)
     for step in range(1, args.steps + 1):
-        critic_group["lr"] = critic_lr(step - 1, args)
-        actor_group["lr"] = actor_lr(step - 1, args, actor_from)
+        critic_group["lr"], actor_group["lr"] = learning_rates(step - 1, args, actor_from)
         loss, info, z = 0.0, {}, None
         if learns_critic:
             loss, info, z = critic_step(critic, x, critic_data, counts, args, memory)
@@ -468,7 +474,8 @@ def train(data, x, critic, actor, args, truth=None):
         if step > actor_from:
             s, a, s2, g = sample(data, args.actor_batch, goals, args)  # (B_actor,)
             w = actor_weights(critic, x, z, s, s2, g, args)  # (B_actor,)
-            info["actor_loss"] = actor_loss(actor(x, s, g), a, w)
+            logits = actor(actor_input(critic, x, args), s, g)  # (B_actor, 4)
+            info["actor_loss"] = actor_loss(logits, a, w)
             loss = loss + info["actor_loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -479,17 +486,16 @@ def train(data, x, critic, actor, args, truth=None):
 
 # ========================================================= 7. evaluation (exact, BFS)
 LIMIT = gridworld.gymnasium.spec("GridWorld-v0").max_episode_steps  # rollout steps: 1000
-CRITIC_METRICS = ("value_greedy_rate", "critic_success_rate", "spearman", "monotonicity",
-                  "distance_error", "distance_error_max")  # nan without a critic
-METRICS = ("success_rate", "path_ratio", "optimal_action_rate", *CRITIC_METRICS)
 
 
-def ground_truth(env, device):
-    """BFS's truth as tensors: nxt (N, 4), d (N, N) (-1: unreachable), opt (N, N, 4)."""
+def ground_truth(env, args, device):
+    """BFS's truth as tensors: nxt (N, 4), d (N, N) (-1: unreachable), opt (N, N, 4), and
+    unseen (N, N), the pairs whose start or goal the data never visits (--holdout)."""
     nxt = torch.as_tensor(np.array(env.transitions()), device=device)
     d = torch.as_tensor(np.array(env.distance_matrix()), device=device)
     opt = torch.as_tensor(np.array(env.optimal_actions()), device=device)
-    return {"nxt": nxt, "d": d, "opt": opt}
+    held = torch.as_tensor(env.held_out(args.holdout, args.seed), device=device)  # (N,)
+    return {"nxt": nxt, "d": d, "opt": opt, "unseen": held[:, None] | held[None, :]}
 
 
 @torch.no_grad()
@@ -517,9 +523,9 @@ def critic_distances(critic, x, args):
 
 def rollout(table, nxt, limit, slip=0.0, seed=0):
     """The policy table (N, N) rolled out from every s to every g at once, up to `limit` steps
-    -> reached (N, N) bool, steps (N, N). A deterministic table that brings a pair back to a
-    cell loops forever: it stops there, failed (Brent). Each pair saves its cell at steps 1, 2,
-    4, ...: on a loop of length L at a save 2^j >= L, it is back there within L steps."""
+    -> reached (N, N) bool, steps (N, N). Back at a cell, a deterministic table loops forever:
+    stopped, failed (Brent: each pair saves its cell at steps 1, 2, 4, ...; a loop of length L
+    brings it back to the save 2^j >= L within L steps)."""
     gen = torch.Generator(device=table.device).manual_seed(seed)
     n = len(table)
     pair = torch.arange(n * n, device=table.device)  # (P,) P = N^2 pairs, p = s * N + g
@@ -592,6 +598,9 @@ def evaluate(dz, actor, x, truth, slip=0.0, limit=LIMIT):
     if ok.any():
         metrics["path_ratio"] = (steps[ok] / d[ok]).mean().item()
     metrics["optimal_action_rate"] = optimal_rate(policy, opt, reachable)
+    parts = {"seen": reachable & ~truth["unseen"], "unseen": reachable & truth["unseen"]}
+    for part, mask in parts.items():  # nothing held out: no unseen pair, its metrics nan
+        metrics[f"success_{part}"] = ok[mask].double().mean().item()
     if dz is None:
         return {**metrics, **dict.fromkeys(CRITIC_METRICS, math.nan)}
     greedy = dz[nxt].argmin(dim=1)  # (N, N), the critic's own policy: dz[nxt] is (N, 4, N)
@@ -603,11 +612,18 @@ def evaluate(dz, actor, x, truth, slip=0.0, limit=LIMIT):
     metrics["monotonicity"] = monotonicity(dz, d)
     metrics["distance_error"] = error.mean().item()
     metrics["distance_error_max"] = error.max().item()
+    for part, mask in parts.items():
+        metrics[f"critic_success_{part}"] = critic_reached[mask].double().mean().item()
     return metrics
 
 
 # ====================================================== 8. one run, from data to files
 OUTPUTS = ("metrics.json", "log.csv", "model.pt", "metricrl.png")
+CRITIC_METRICS = ("value_greedy_rate", "critic_success_rate", "spearman", "monotonicity",
+                  "distance_error", "distance_error_max",  # nan without a critic
+                  "critic_success_seen", "critic_success_unseen")  # and without --holdout
+METRICS = ("success_rate", "path_ratio", "optimal_action_rate", *CRITIC_METRICS[:6])
+SEEN_METRICS = ("success_seen", "success_unseen", *CRITIC_METRICS[6:])  # by --holdout
 
 
 class UsageError(Exception):
@@ -622,31 +638,23 @@ def say(text):
 
 
 def run(args):
-    """One run: data -> critic and actor (or --load's) -> exact evaluation -> files."""
+    """One run: data -> critic and actor -> exact evaluation -> files in --out's folder."""
     start = time.time()
-    env, args, device, agent = setup(args)  # --load: the checkpoint's flags
-    out = args.out  # the folder of the files: --out, or beside --load's, or runs/<name>
-    if not out and args.load:
-        out = os.path.dirname(args.load) or "."
-    if not out:
-        out = os.path.join("runs", run_name(args))
+    env, device = setup(args)
+    out = args.out or os.path.join("runs", run_name(args))
     with staged(out, OUTPUTS) as tmp:
         torch.manual_seed(args.seed)
         data = collect_dataset(env, args, np.random.default_rng(args.seed))
         data = {key: column.to(device) for key, column in data.items()}
-        truth = ground_truth(env, device)
+        truth = ground_truth(env, args, device)
         coverage = data_coverage(data, len(env.cells))
-        if agent:
-            x, critic, actor, history = agent.x, agent.critic, agent.actor, agent.history
-            metrics = evaluate(critic_distances(critic, x, args), actor, x, truth, args.slip)
-        else:
-            x, critic, actor = build(env, args, device)
-            if not args.quiet:
-                say(f"{args.env}: {len(x)} cells | data {coverage} | {device} | "
-                    f"{args.steps} steps")
-            history = train(data, x, critic, actor, args, truth)
-            metrics = history[-1]
-        metrics = {key: metrics[key] for key in METRICS}
+        x, critic, actor = build(env, args, device)
+        if not args.quiet:
+            say(f"{args.env}: {len(x)} cells | data {coverage} | {device} | {args.steps} steps")
+        history = train(data, x, critic, actor, args, truth)
+        metrics = history[-1]
+        shown = METRICS + (SEEN_METRICS if args.holdout > 0 else ())
+        metrics = {key: metrics[key] for key in shown}
         save_checkpoint(os.path.join(tmp, "model.pt"), env, args, critic, actor, history)
         write_log(os.path.join(tmp, "log.csv"), history)
         figure = os.path.join(tmp, "metricrl.png")
@@ -660,7 +668,7 @@ def run(args):
             json.dump(metrics, f, indent=2)
     if not args.quiet:  # where the files are, and the metrics
         say(f"wrote {os.path.join(out, '')} ({', '.join(OUTPUTS)}) in {metrics['seconds']:.1f} s")
-        say("\n".join(f"  {key:20s} {metrics[key]:.3f}" for key in METRICS))
+        say("\n".join(f"  {key:21s} {metrics[key]:.3f}" for key in shown))
     return metrics
 
 
@@ -698,7 +706,8 @@ class Progress:
         row["steps_per_s"] = (step - self.last) / max(time.time() - self.tick, 1e-6)
         if scored and self.truth is not None:
             dz = critic_distances(self.critic, self.x, self.args)
-            row.update(evaluate(dz, self.actor, self.x, self.truth, self.args.slip))
+            seen = actor_input(self.critic, self.x, self.args)
+            row.update(evaluate(dz, self.actor, seen, self.truth, self.args.slip))
         self.history.append(row)
         if not self.args.quiet:
             report(row, self.args)
@@ -716,8 +725,12 @@ def report(row, args):
     line += f"  {row['steps_per_s']:5.0f} steps/s"
     if "success_rate" in row:  # an evaluated step
         line += f" |  success {row['success_rate']:.3f}"
+        if args.holdout > 0:
+            line += f" (unseen {row['success_unseen']:.3f})"
     if not math.isnan(row.get("critic_success_rate", math.nan)):  # and a critic
         line += f"  critic success {row['critic_success_rate']:.3f}"
+        if args.holdout > 0:
+            line += f" (unseen {row['critic_success_unseen']:.3f})"
         line += f"  |d_phi - d| {row['distance_error']:.3f}  max {row['distance_error_max']:.3f}"
     minutes_left = (args.steps - row["step"]) / row["steps_per_s"] / 60
     if minutes_left > 1:
@@ -770,19 +783,26 @@ def plot_run(path, env, args, x, critic, actor, data, truth, history, metrics):
     show_map(fig, top[0], env, v, VALUE_TITLES[kind], "viridis", "V", goal, vmin=low, vmax=1)
     show_map(fig, top[1], env, v_true, r"True optimal $V^*(s, g) = \gamma^{d(s, g)}$",
              "viridis", "V*", goal, vmin=low, vmax=1)
-    plot_policy(fig, top[2], env, args, actor, x, truth, goal, to_goal)
+    plot_policy(fig, top[2], env, args, actor, actor_input(critic, x, args), truth, goal, to_goal)
     visits = np.bincount(data["s"].cpu().numpy(), minlength=len(x))
-    show_map(fig, top[3], env, visits, f"Offline data: visits per cell (ε = {args.epsilon})",
-             "magma", "visits", goal)
+    held = " (cyan □: held out)" if args.holdout > 0 else ""
+    show_map(fig, top[3], env, visits, f"Offline data: visits per cell (ε = {args.epsilon})"
+             + held, "magma", "visits", goal)
+    rows, cols = env.cells[env.held_out(args.holdout, args.seed)].T  # --holdout's cells
+    top[3].plot(cols, rows, "s", mfc="none", mec="cyan", ms=9, mew=2, label="held out")
     plot_learning(fig, bottom, env, args, d, dz, critic, x, goal, to_goal, history, kind)
     title = f"{run_name(args)} ({len(x)} cells, {len(data['s'])} transitions of data, ε = "
     title += f"{args.epsilon}). Over all pairs: success {metrics['success_rate']:.3f}"
+    if args.holdout > 0:  # and over the pairs with a held-out end
+        title += f" (unseen {metrics['success_unseen']:.3f})"
     if dz is not None:
         title += f", critic success {metrics['critic_success_rate']:.3f}"
+        if args.holdout > 0:
+            title += f" (unseen {metrics['critic_success_unseen']:.3f})"
         title += f", monotonicity {metrics['monotonicity']:.3f}"
-    title += f". Top row: one far goal g = {tuple(env.cells[goal].tolist())}"
+    title += f".\nTop row: one far goal g = {tuple(env.cells[goal].tolist())}"
     fig.suptitle(title, size=13)
-    fig.subplots_adjust(left=0.035, right=0.965, bottom=0.07, top=0.92, wspace=0.32, hspace=0.22)
+    fig.subplots_adjust(left=0.035, right=0.965, bottom=0.07, top=0.9, wspace=0.32, hspace=0.24)
     fig.savefig(path, dpi=70)
 
 
@@ -880,10 +900,8 @@ def staged(out, names):
 
 def save_checkpoint(path, env, args, critic, actor, history):
     """model.pt, a plain dict: the networks, the flags and the map that made them, the log."""
-    ckpt = {"critic": None, "actor": actor.state_dict(), "history": history,
-            "args": dataclasses.asdict(args), "layout": env.layout}
-    if critic is not None:
-        ckpt["critic"] = critic.state_dict()
+    ckpt = {"actor": actor.state_dict(), "history": history, "args": dataclasses.asdict(args),
+            "layout": env.layout, "critic": critic.state_dict() if critic is not None else None}
     torch.save(ckpt, path)
 
 
@@ -894,26 +912,6 @@ def write_log(path, history):
         writer = csv.DictWriter(f, keys)
         writer.writeheader()
         writer.writerows(history)
-
-
-class Agent:
-    """A trained policy: Agent(model.pt).act(states, goals), (row, col)s (B, 2) -> (B,)."""
-    def __init__(self, path, device="cpu"):
-        ckpt = dict(torch.load(path, map_location=device, weights_only=True))
-        knobs = {k: v for k, v in ckpt["args"].items() if k in Args.__annotations__}
-        self.args, self.history = Args(**knobs), ckpt["history"]
-        self.env = gridworld.GridWorld(ckpt["layout"])
-        self.x, self.critic, self.actor = build(self.env, self.args, device)
-        if self.critic is not None:
-            self.critic.load_state_dict(ckpt["critic"])
-        self.actor.load_state_dict(ckpt["actor"])
-
-    @torch.no_grad()
-    def act(self, states, goals):
-        s = torch.as_tensor(np.atleast_1d(self.env.cell_indices(states)), device=self.x.device)
-        g = torch.as_tensor(np.atleast_1d(self.env.cell_indices(goals)), device=self.x.device)
-        s, g = torch.broadcast_tensors(s, g)
-        return self.actor(self.x, s, g).argmax(-1).cpu().numpy()
 
 
 def parse_args(argv=None, knobs=Args, prog="metricrl.py", about=__doc__):
@@ -951,14 +949,16 @@ def require(args, name, ok, what):
 
 def check_numbers(args):
     """Every number in its range (nan in none), ints below 2^31, floats finite."""
-    for name in ("steps", "episode_len", "eval_every", "hidden", "lr", "w_max"):
+    for name in ("steps", "episode_len", "eval_every", "hidden", "lr", "w_max", "tile",
+                 "channels"):
         require(args, name, getattr(args, name) > 0, "positive")
-    for name in ("seed", "episodes", "batch_size", "actor_batch", "lam", "beta"):
+    for name in ("seed", "episodes", "actor_batch", "lam", "beta"):
         require(args, name, getattr(args, name) >= 0, "0 or more")
     require(args, "latent", args.latent >= 2, "2 or more (the figure projects phi on 2 axes)")
     for name in ("epsilon", "slip"):
         require(args, name, 0 <= getattr(args, name) <= 1, "in [0, 1]")
-    require(args, "critic_only", 0 <= args.critic_only < 1, "in [0, 1)")
+    for name in ("critic_only", "holdout"):
+        require(args, name, 0 <= getattr(args, name) < 1, "in [0, 1)")
     require(args, "gamma", 0 < args.gamma <= 1, "in (0, 1]")
     require(args, "expectile", 0 < args.expectile < 1, "in (0, 1)")
     for field in dataclasses.fields(args):
@@ -969,29 +969,25 @@ def check_numbers(args):
             require(args, field.name, math.isfinite(setting), "finite")
 
 
-def check_args(args, given=frozenset()):
+def check_args(args):
     """Raise UsageError for a value or a combination of flags that a run cannot use."""
     check_numbers(args)
     defaults = dataclasses.asdict(Args())
     changed = {k for k, v in dataclasses.asdict(args).items() if v != defaults.get(k)}
-    ignored = sorted(given - {"load", "out", "device", "quiet"})
-    if args.load and ignored:
-        raise UsageError(f"--{ignored[0].replace('_', '-')}: --load runs a checkpoint with "
-                         "the flags it was trained with")
     if args.algo == "td" and args.gamma == 1:
         raise UsageError("td (--algo td, or in --algos) needs --gamma below 1 (its distance "
                          "is log_gamma V)")
-    if args.algo != "metricrl" and changed & {"super_state", "objective", "metric", "critic"}:
-        raise UsageError("--super-state, --objective, --metric and --critic are MetricRL's: "
+    if args.algo != "metricrl" and changed & {"super_state", "metric", "critic"}:
+        raise UsageError("--super-state, --metric and --critic are MetricRL's: "
                          "use --algo metricrl")
-    own = {"metric", "objective", "latent", "lam", "negative"}  # exact's are fixed
+    own = {"metric", "latent", "lam"}  # exact's are fixed
     if args.critic == "exact" and changed & own:
         raise UsageError("--critic exact has its own geometry (k = N) and loss: drop --metric, "
-                         "--objective, --latent, --lam, --negative")
-    whole_data = args.objective == "constrained" or args.critic == "exact"
-    if args.batch_size > 0 and whole_data:
-        raise UsageError("--objective constrained and --critic exact use all the data: "
-                         "--batch-size 0")
+                         "--latent, --lam")
+    hindsight = args.algo != "metricrl" or args.super_state or args.goals == "hindsight"
+    if args.data == "one-direction" and hindsight:
+        raise UsageError("--data one-direction keeps moves, not whole trajectories: no hindsight "
+                         "goals (gcbc, td, --goals hindsight) and no --super-state")
 
 
 def pick_device(name):
@@ -1008,44 +1004,45 @@ def pick_device(name):
     raise UsageError(f"--device {name}: here auto, cpu{here}")
 
 
-def memory_needed(n, args):
-    """Bytes a run needs, roughly: the (N, N) tables, the data, the networks, the batches."""
+def memory_needed(env, args):
+    """Bytes a run needs, roughly: the (N, N) tables, the data, the networks, the batches,
+    and with images, each CNN's feature maps over all N images (kept for the backward pass)."""
+    n = len(env.cells)
     episodes = args.episodes or default_episodes(n)
     batch = args.actor_batch or actor_budget(n)
-    tables = 250 * n * n
-    data = 100 * args.episode_len * episodes
-    networks = 16 * (5 * n * args.hidden + 3 * args.hidden ** 2)
-    batches = 32 * (batch * args.hidden + args.batch_size ** 2)
-    return tables + data + networks + batches
+    need = 250 * n * n + 100 * args.episode_len * episodes  # the tables, the data
+    need += 16 * (5 * n * args.hidden + 3 * args.hidden ** 2) + 32 * batch * args.hidden
+    if args.features == "image":  # and the convolutions' weights, gradients, Adam's moments
+        pixels = env.height * env.width * args.tile ** 2
+        need += 16 * n * pixels * (1 + 2 * args.channels) + 500 * args.channels ** 2
+    return need
 
 
 def setup(args):
-    """The map, the device and --load's agent, checked -> env, args, device, agent."""
+    """The map and the device, checked against the flags -> env, device."""
     device = pick_device(args.device)
-    agent = None
-    if args.load:
-        try:
-            agent = Agent(args.load, device)
-        except Exception as e:  # a missing, empty, truncated or foreign file: its first sentence
-            first = " ".join(str(e).split()).split(". ")[0] or "empty"
-            why = f"{type(e).__name__}: {first}"[:150]
-            raise UsageError(f"--load {args.load}: not a metricrl checkpoint ({why})") from None
-        args = dataclasses.replace(agent.args, load=args.load, out=args.out, device=args.device,
-                                   quiet=args.quiet)
     try:
-        env = agent.env if agent else gridworld.GridWorld(args.env)
+        env = gridworld.GridWorld(args.env)
     except (ValueError, TypeError) as e:
         raise UsageError(f"--env: {e}") from None
-    need = memory_needed(len(env.cells), args) / 2**30
+    need = memory_needed(env, args) / 2**30
     have = math.inf  # not known off POSIX
-    if os.name == "posix":
+    if device.type == "cuda":
+        have = torch.cuda.get_device_properties(device).total_memory / 2**30
+    elif os.name == "posix":
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     if need > 0.8 * have:
         raise UsageError(f"--env {args.env} with these flags needs about {need:.1f} GB of memory; "
-                         f"this machine has {have:.1f} GB")
+                         f"this {device.type} has {have:.1f} GB")
     if not (env.distance_matrix() > 0).any():
         raise UsageError(f"--env {args.env}: no free cell can reach another one")
-    return env, args, device, agent
+    side = min(env.height, env.width) * args.tile  # the CNN's 4 layers need 17 pixels
+    if args.features == "image" and side < 17:
+        raise UsageError(f"--tile {args.tile}: --env {args.env}'s image is {side} pixels "
+                         f"across, the CNN needs 17: --tile {math.ceil(17 / side * args.tile)}")
+    if (~env.held_out(args.holdout, args.seed)).sum() < 2:
+        raise UsageError(f"--holdout {args.holdout} leaves no move to learn from on {args.env}")
+    return env, device
 
 
 def run_name(args, base=None):
@@ -1055,7 +1052,7 @@ def run_name(args, base=None):
     for field in dataclasses.fields(Args):
         setting = getattr(args, field.name)
         flag = field.name.replace("_", "-")
-        named = field.name in ("env", "algo", "seed", "device", "out", "load", "quiet")
+        named = field.name in ("env", "algo", "seed", "device", "out", "quiet")
         if named or setting == getattr(base, field.name):  # named already, or changes nothing
             continue
         if setting is True:
@@ -1090,7 +1087,7 @@ def main(argv=None):
     replace_unknown_characters()
     try:
         args, given = parse_args(argv)
-        check_args(args, given)
+        check_args(args)
         return run(args)
     except (UsageError, FloatingPointError, KeyboardInterrupt) as e:
         exit_with_one_line("metricrl.py", e)

@@ -45,7 +45,7 @@ class Args:  # each knob's comment is its --help text
     channels: int = 16  # --features image: channels of each convolution (the paper's: 64)
     holdout: float = 0.0  # share of the cells that the data never visits (seeded; rest connected)
     slip: float = 0.0  # probability that a move slips to another direction (data, rollouts)
-    data: Literal["all", "split", "one-direction"] = "all"  # split: halves apart; one-direction
+    data: Literal["all", "split", "one-direction"] = "all"  # split halves; one-direction: one way
     super_state: bool = False  # join every trajectory's end to one virtual state
     latent: int = 32  # k, the size of the embedding phi(s)
     hidden: int = 128  # width of the hidden layers of phi and pi
@@ -792,15 +792,15 @@ def plot_run(path, env, args, x, critic, actor, data, truth, history, metrics):
     top[3].plot(cols, rows, "s", mfc="none", mec="cyan", ms=9, mew=2, label="held out")
     plot_learning(fig, bottom, env, args, d, dz, critic, x, goal, to_goal, history, kind)
     title = f"{run_name(args)} ({len(x)} cells, {len(data['s'])} transitions of data, ε = "
-    title += f"{args.epsilon}). Over all pairs: success {metrics['success_rate']:.3f}"
+    title += f"{args.epsilon})\nOver all pairs: success {metrics['success_rate']:.3f}"
     if args.holdout > 0:  # and over the pairs with a held-out end
-        title += f" (unseen {metrics['success_unseen']:.3f})"
+        title += f" (pairs with a held-out end: {metrics['success_unseen']:.3f})"
     if dz is not None:
         title += f", critic success {metrics['critic_success_rate']:.3f}"
         if args.holdout > 0:
             title += f" (unseen {metrics['critic_success_unseen']:.3f})"
         title += f", monotonicity {metrics['monotonicity']:.3f}"
-    title += f".\nTop row: one far goal g = {tuple(env.cells[goal].tolist())}"
+    title += f". Top row: one far goal g = {tuple(env.cells[goal].tolist())}"
     fig.suptitle(title, size=13)
     fig.subplots_adjust(left=0.035, right=0.965, bottom=0.07, top=0.9, wspace=0.32, hspace=0.24)
     fig.savefig(path, dpi=70)
@@ -952,8 +952,9 @@ def check_numbers(args):
     for name in ("steps", "episode_len", "eval_every", "hidden", "lr", "w_max", "tile",
                  "channels"):
         require(args, name, getattr(args, name) > 0, "positive")
-    for name in ("seed", "episodes", "actor_batch", "lam", "beta"):
+    for name in ("seed", "episodes", "actor_batch", "lam", "beta", "fourier"):
         require(args, name, getattr(args, name) >= 0, "0 or more")
+    require(args, "fourier", args.fourier <= 16, "16 or less (float32 resolves no more)")
     require(args, "latent", args.latent >= 2, "2 or more (the figure projects phi on 2 axes)")
     for name in ("epsilon", "slip"):
         require(args, name, 0 <= getattr(args, name) <= 1, "in [0, 1]")

@@ -1163,6 +1163,8 @@ def test_readme_exercises_run_as_written(tmp_path, monkeypatch):
     (["--features", "image", "--tile", "0"], "--tile must be positive"),
     (["--features", "image", "--env", "open", "--tile", "1"], "the CNN needs 17: --tile 2"),
     (["--holdout", "1"], "--holdout must be in [0, 1)"),
+    (["--features", "xy", "--fourier", "-1"], "--fourier must be 0 or more"),
+    (["--features", "xy", "--fourier", "40"], "--fourier must be 16 or less"),
     (["--holdout", "-0.1"], "--holdout must be in [0, 1)"),
     (["--holdout", "0.99"], "leaves no move to learn from"),
     (["--data", "one-direction", "--algo", "gcbc"], "no hindsight goals"),

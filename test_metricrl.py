@@ -1423,8 +1423,8 @@ def test_a_console_that_cannot_show_epsilon(tmp_path):
 @pytest.mark.skipif(sys.platform == "win32", reason="no SIGINT to a child process on Windows")
 def test_ctrl_c_in_a_sweep_says_how_to_resume(tmp_path):
     flags = ["--compare", "--env", tiny_map(tmp_path), "--algos", "metricrl,gcbc", "--epsilons",
-             "1", "--seeds", "2", *TINY, "--out", "c"]
-    run = shell("experiments.py", flags, tmp_path)
+             "1", "--seeds", "2", *TINY, "--steps", "300", "--eval-every", "300", "--out", "c"]
+    run = shell("experiments.py", flags, tmp_path)  # runs of 300 steps: Ctrl-C comes mid-sweep
     run.stdout.readline(), run.stdout.readline()  # the header, then the first run's line
     run.send_signal(signal.SIGINT)
     _, err = run.communicate(timeout=120)

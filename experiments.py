@@ -139,7 +139,7 @@ def compare_rows(args):
 
 
 def check_sweep(args, given):
-    """Raise UsageError for a flag the sweep cannot honour."""
+    """Raise UsageError for a flag the sweep cannot honour; -> the sweep's name."""
     metricrl.check_args(args)
     metricrl.require(args, "seeds", args.seeds > 0, "positive")
     modes = [name for name in SWEEPS if getattr(args, name)]
@@ -155,6 +155,7 @@ def check_sweep(args, given):
     clash = sorted(given & per_row)
     if clash:
         raise UsageError(f"--{clash[0].replace('_', '-')}: --{mode} sets it in each row")
+    return mode
 
 
 def given_knobs(base):
@@ -171,18 +172,18 @@ def run_args(args, **knobs):
     return dataclasses.replace(Args(**fields), **knobs)
 
 
-def sweep(args):
-    """A sweep (--compare, ...): each row's runs, a line each, then the table and figure."""
-    name = [mode for mode in SWEEPS if getattr(args, mode)][0]
+def sweep(args, name):
+    """The sweep `name` (compare, ...): each row's runs, a line each, the table and figure."""
     defaults = {knob: getattr(Args(), knob) for knob in SWEEPS[name].knobs}
     base = run_args(args, **defaults, quiet=True)  # the knobs every row starts from
-    rows = assumption_rows()
-    if args.observations:
-        rows = observation_rows()
     folder = [name]
-    if args.compare:
+    if name == "compare":
         rows = compare_rows(args)
         folder += dict.fromkeys(label[0] for label, _ in rows)  # the maps
+    elif name == "assumptions":
+        rows = assumption_rows()
+    else:
+        rows = observation_rows()
     root = args.out or os.path.join("runs", "-".join(folder) + given_knobs(base))
     cells = []
     for label, knobs in rows:
@@ -314,14 +315,13 @@ class Agent:
         return self.actor(seen, s, g).argmax(-1).cpu().numpy()
 
 
-
 def main(argv=None):
     """The command line: python experiments.py --compare|--assumptions|--observations."""
     metricrl.replace_unknown_characters()
     try:
         args, given = metricrl.parse_args(argv, SweepArgs, "experiments.py", __doc__)
-        check_sweep(args, given)
-        return sweep(args)
+        name = check_sweep(args, given)
+        return sweep(args, name)
     except (UsageError, FloatingPointError, KeyboardInterrupt) as e:
         metricrl.exit_with_one_line("experiments.py", e)
 

@@ -188,10 +188,9 @@ def build(env, args, device):
     """The observations x (N, ...), the critic (or None) and the actor, on the device."""
     x = cell_features(env, args)
     critic = build_critic(env, args, x)
-    layers, f = torso(args, x)
-    seen = actor_input(critic, x, args)  # x, or the critic's CNN features (N, F)
-    if seen is not x:  # then the actor has no CNN of its own
-        layers, f = [], seen.shape[1]
+    layers, f = torso(args, x)  # the actor's CNN, unless it reads the critic's (actor_input)
+    if layers and args.algo != "gcbc" and args.critic != "bfs":
+        layers = []  # the same F features, from the critic's CNN
     actor = PairNet(f, args.hidden, torso=layers).to(device)
     if critic is not None:
         critic = critic.to(device)
@@ -1087,7 +1086,7 @@ def main(argv=None):
     """The command line: python metricrl.py [knobs] runs one run; returns its metrics."""
     replace_unknown_characters()
     try:
-        args, given = parse_args(argv)
+        args, _ = parse_args(argv)  # (the flags given: for experiments.py)
         check_args(args)
         return run(args)
     except (UsageError, FloatingPointError, KeyboardInterrupt) as e:

@@ -1,18 +1,20 @@
 """A tabular, goal-conditioned gridworld with exact shortest-path ground truth.
 
 ## Description
-An agent moves between the free cells of an ASCII map to a goal cell. The whole MDP fits
-in a table, and breadth-first search gives the exact distance (fewest actions) between any
-two cells: the truth metricrl.py measures against. `gymnasium.make("GridWorld-v0")`.
+An agent moves between the free cells of a map to a goal cell. The whole MDP fits in a
+table, and breadth-first search gives the exact distance (fewest actions) between any two
+cells: the truth metricrl.py measures against. `gymnasium.make("GridWorld-v0")`. Every map,
+2-D or d-dimensional, is its cells (N, D coordinates) and its moves (A, D steps).
 
 ## Action Space
-`Discrete(4)`: 0 up, 1 right, 2 down, 3 left; into a wall or off the map, the agent stays.
-A one-way cell (`^ > v <`) is entered from any side and left only in its arrow's direction:
+ASCII maps: `Discrete(4)`, 0 up, 1 right, 2 down, 3 left; a hypermaze: `Discrete(3^d)`, each
+coordinate -1, 0 or +1 (staying put included; the authors' order). Into a wall or off the
+map, the agent stays. A one-way cell (`^ > v <`) is left only in its arrow's direction:
 actions are then not invertible, and `distance_matrix()` is from row to column.
 
 ## Observation Space
-A `Dict` (Gymnasium-Robotics' goal-conditioned convention) of (row, col) int64 arrays,
-shape (2,): `observation` and `achieved_goal` (the agent), `desired_goal` (the goal); as
+A `Dict` (Gymnasium-Robotics' goal-conditioned convention) of int64 coordinates, shape (D,):
+`observation` and `achieved_goal` (the agent), `desired_goal` (the goal); on 2-D maps as
 RGB images through the wrapper `ImageObservation(env, tile)`.
 
 ## Starting State
@@ -27,10 +29,12 @@ At the goal; truncated after 1000 steps through `gymnasium.make` (`maze51`'s dia
 
 ## Arguments
 `layout`: a name from `LAYOUTS`, `maze<N>` (a generated N x N maze, odd 7 <= N <= 1001), a
-text file of ASCII rows, or the rows as one string. `render_mode`: None, "ansi" or
-"rgb_array". `slip`: the probability that a move goes in one of the other three directions.
+text file of ASCII rows, the rows as one string, or `hypermaze<d>[s<n>]` (`hypermaze()`).
+`render_mode`: None, "ansi" or "rgb_array" (d > 2: the 2-D slice through the agent).
+`slip`: the probability that a move goes in one of the other directions.
 """
 import functools
+import itertools
 import numbers
 import os
 import re
@@ -38,7 +42,7 @@ import re
 import gymnasium
 import numpy as np
 
-MOVES = np.array([(-1, 0), (0, 1), (1, 0), (0, -1)])  # (d_row, d_col): up, right, down, left
+MOVES = np.array([(-1, 0), (0, 1), (1, 0), (0, -1)])  # ASCII maps': up, right, down, left
 WALL, FREE = "#", "."  # map characters
 AGENT = (30, 90, 220)  # the agent's colour in images
 ONE_WAY = {"^": 0, ">": 1, "v": 2, "<": 3}  # one-way cells, left only by this action
@@ -47,17 +51,7 @@ CELL_CHARS = {WALL: "wall", FREE: "free cell", **ONE_WAY_NAMES}  # for error mes
 
 LAYOUTS = {  # the named maps, as ASCII rows
     # An empty room: 8 x 8 free cells, diameter 14.
-    "open": """
-##########
-#........#
-#........#
-#........#
-#........#
-#........#
-#........#
-#........#
-#........#
-##########""",
+    "open": "\n".join(["#" * 10] + ["#........#"] * 8 + ["#" * 10]),
     # Sutton's four rooms: 104 free cells, four doorways, diameter 20.
     "rooms": """
 #############
@@ -105,45 +99,29 @@ LAYOUTS = {  # the named maps, as ASCII rows
 #.#####.#.#.#####.#.#
 #.........#.......#.#
 #####################""",
-    # The four rooms with one-way doors, > at the top and < at the bottom: a
-    # circulation.
-    "oneway": """
-#############
-#.....#.....#
-#.....#.....#
-#.....>.....#
-#.....#.....#
-#.....#.....#
-##.####.....#
-#.....###.###
-#.....#.....#
-#.....#.....#
-#.....<.....#
-#.....#.....#
-#############""",
 }
+_rows = LAYOUTS["rooms"].split("\n")  # map row r is _rows[r + 1]
+_rows[4], _rows[11] = "#.....>.....#", "#.....<.....#"  # doors (3, 6) and (10, 6) one-way
+LAYOUTS["oneway"] = "\n".join(_rows)  # the four rooms as a circulation, clockwise
 
 
 # ----------------------------------------------------------------------------- maps
-class Lcg:
-    """A 64-bit linear congruential generator (Knuth's MMIX constants): the same numbers on
-    every machine and Python, and no global RNG touched."""
-
-    def __init__(self, seed):
-        self.state = seed
-
-    def below(self, k):
-        """A number in [0, k)."""
-        self.state = (self.state * 6364136223846793005 + 1442695040888963407) % 2**64
-        return (self.state >> 33) % k
+def lcg(state):
+    """Numbers in [0, 2^31) from a 64-bit linear congruential generator (Knuth's MMIX
+    constants): the same on every machine and Python, and no global RNG touched."""
+    while True:
+        state = (state * 6364136223846793005 + 1442695040888963407) % 2**64
+        yield state >> 33
 
 
 def generate_maze(n):
     """An n x n maze (outer wall included, n odd >= 7), the same on every machine: a
     depth-first backtracker carves a perfect maze through m x m rooms on the odd cells, then
     one wall in 25 between two rooms is knocked out, for loops. Seeded by n."""
+    if n < 7 or n > 1001 or n % 2 == 0:
+        raise ValueError(f"maze{n}: a generated maze needs an odd size 7 <= N <= 1001, e.g. maze25")
     m = (n - 1) // 2  # rooms a side: room (r, c) is cell (2r + 1, 2c + 1)
-    lcg = Lcg(n)
+    numbers = lcg(n)
     grid = [[WALL] * n for _ in range(n)]
     grid[1][1] = FREE
     stack, seen = [(0, 0)], {(0, 0)}
@@ -153,7 +131,7 @@ def generate_maze(n):
         if not options:  # a dead end: back up
             stack.pop()
             continue
-        nr, nc = options[lcg.below(len(options))]
+        nr, nc = options[next(numbers) % len(options)]
         grid[2 * nr + 1][2 * nc + 1] = FREE  # the new room
         grid[r + nr + 1][c + nc + 1] = FREE  # the wall between the two rooms
         seen.add((nr, nc))
@@ -164,7 +142,7 @@ def generate_maze(n):
             if grid[r][c] == WALL and r % 2 != c % 2:  # between two rooms
                 inner_walls.append((r, c))
     for _ in range(max(1, m * m // 25)):
-        r, c = inner_walls.pop(lcg.below(len(inner_walls)))
+        r, c = inner_walls.pop(next(numbers) % len(inner_walls))
         grid[r][c] = FREE
     return "\n".join("".join(row) for row in grid)
 
@@ -183,15 +161,14 @@ def unvisited_rooms(r, c, m, seen):
 def parse_layout(text):
     """ASCII rows -> (H, W) array of map characters, checked; raises ValueError."""
     rows = [row.rstrip() for row in text.strip("\n").split("\n")]
-    for i, row in enumerate(rows):
+    known = ", ".join(f"'{k}' {v}" for k, v in CELL_CHARS.items())
+    for i, row in enumerate(rows):  # in Python: numpy's string compares can lose a Ctrl-C
         if len(row) != len(rows[0]):
             raise ValueError(f"layout rows differ in length: row {i} has {len(row)} "
                              f"characters, row 0 has {len(rows[0])}")
-    for i, row in enumerate(rows):  # in Python: numpy's string compares can lose a Ctrl-C
         unknown = [j for j, char in enumerate(row) if char not in CELL_CHARS]
         if unknown:
             j = unknown[0]
-            known = ", ".join(f"'{k}' {v}" for k, v in CELL_CHARS.items())
             raise ValueError(f"unknown character {row[j]!r} at row {i}, column {j} (0-based); "
                              f"known: {known}")
     grid = np.array([list(row) for row in rows])
@@ -201,7 +178,7 @@ def parse_layout(text):
 
 
 def load_layout(spec):
-    """A layout name, `maze<N>`, a file path, or map text -> the checked map text.
+    """A name, `maze<N>`, a file path or map text -> the checked map text (hypermaze: its name).
     Cells outside the map count as walls, so a border of '#' is optional."""
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"layout must be a name, a path or map text, got {type(spec).__name__}")
@@ -211,23 +188,45 @@ def load_layout(spec):
     elif "\n" in spec:
         text = spec
     elif re.fullmatch(r"maze\d+", spec):
-        text = generate_maze(maze_size(spec))
+        text = generate_maze(int(spec[4:]))
+    elif re.fullmatch(r"hypermaze\d+(s\d+)?", spec):
+        world(spec)  # checked (and kept: world() is cached)
+        return spec
     elif os.path.sep in spec or "." in spec or os.path.exists(spec):
         text = read_layout_file(spec)
     else:
-        raise ValueError(f"unknown layout {spec!r}; known: {', '.join(LAYOUTS)}, "
-                         "maze<N> (odd N >= 7), or a path to a map file")
+        raise ValueError(f"unknown layout {spec!r}; known: {', '.join(LAYOUTS)}, maze<N> "
+                         "(odd N >= 7), hypermaze<d>[s<n>], or a path to a map file")
     grid = parse_layout(text)
     return "\n".join("".join(row) for row in grid)
 
 
-def maze_size(spec):
-    """N of `maze<N>`, checked: odd, 7 to 1001."""
-    n = int(spec[4:])
-    if n < 7 or n > 1001 or n % 2 == 0:
-        raise ValueError(f"{spec}: a generated maze needs an odd size 7 <= N <= 1001, "
-                         "e.g. maze25")
-    return n
+def hypermaze(spec):
+    """`hypermaze<d>s<n>` (n = 10 if not given) -> the authors' HyperCube, (n,) * d cells: walls
+    in two slabs, x_0 in [0.2 n, 0.4 n) and every other x_i in [0, 0.8 n); x_0 in [0.6 n, 0.8 n)
+    and every other x_i in [0.2 n, n) (int() as theirs). (3n)^d, the moves' table, < 2^24."""
+    d, _, n = spec[9:].partition("s")
+    d, n = int(d), int(n or 10)
+    if d < 2 or n < 5 or (3 * n) ** d > 2**24:
+        raise ValueError(f"{spec}: a hypermaze needs d >= 2 dimensions, n >= 5 cells a side and "
+                         "(3n)^d < 2^24, e.g. hypermaze4 or hypermaze5s5")
+    grid = np.full((n,) * d, FREE)
+    for first, other in (((0.2, 0.4), (0.0, 0.8)), ((0.6, 0.8), (0.2, 1.0))):
+        spans = [first] + [other] * (d - 1)  # (low, high) shares of n, per coordinate
+        slab = [slice(int(low * n), int(high * n)) for low, high in spans]
+        grid[tuple(slab)] = WALL
+    return grid
+
+
+@functools.lru_cache(maxsize=16)
+def world(layout):
+    """A checked layout (load_layout's) -> its map characters, (H, W) or (n,) * d, read-only,
+    and its moves (A, D): ASCII maps the 4 MOVES, a hypermaze all 3^d steps in {-1, 0, 1}^d."""
+    if not layout.startswith("hypermaze"):
+        return _frozen(parse_layout(layout)), MOVES
+    grid = hypermaze(layout)
+    moves = itertools.product((-1, 0, 1), repeat=grid.ndim)  # (3^d, d)
+    return _frozen(grid), np.array(list(moves))
 
 
 def read_layout_file(path):
@@ -249,18 +248,18 @@ def _frozen(array):
 
 
 @functools.lru_cache(maxsize=16)
-def _transitions(text):
-    """-> cells (N, 2), index grid (H, W) with -1 on walls, next cell (N, 4)."""
-    grid = parse_layout(text)
+def _transitions(layout):
+    """-> cells (N, D), index grid (the map's shape) with -1 on walls, next cell (N, A)."""
+    grid, moves = world(layout)
     free = grid != WALL
-    cells = np.argwhere(free)  # (N, 2), row-major order
+    cells = np.argwhere(free)  # (N, D), row-major order
     index = np.full(grid.shape, -1)
     index[free] = np.arange(len(cells))
     here = np.arange(len(cells))[:, None]  # (N, 1)
-    target = cells[:, None, :] + MOVES[None, :, :]  # (N, 4, 2)
-    inside = ((target >= 0) & (target < grid.shape)).all(-1)  # (N, 4)
+    target = cells[:, None, :] + moves[None, :, :]  # (N, A, D)
+    inside = ((target >= 0) & (target < grid.shape)).all(-1)  # (N, A)
     target = np.where(inside[..., None], target, cells[:, None, :])  # off the map: stay
-    nxt = index[target[..., 0], target[..., 1]]  # (N, 4), -1 into a wall
+    nxt = index[tuple(np.moveaxis(target, -1, 0))]  # (N, A), -1 into a wall
     nxt = np.where(nxt >= 0, nxt, here)  # into a wall: stay
     for char, action in ONE_WAY.items():  # a one-way cell: every other action stays
         one_way = index[grid == char][:, None]  # (K, 1)
@@ -270,51 +269,40 @@ def _transitions(text):
 
 
 @functools.lru_cache(maxsize=16)
-def _distances(text):
-    """All-pairs BFS, all sources at once: d[i, j] = fewest actions from i to j, or -1.
-    A BFS level is one row gather per action: target j joins source i's frontier if a
-    predecessor k (nxt[k, a] = j) was in it. No per-pair Python work."""
-    _, _, nxt = _transitions(text)
+def _distances(layout):
+    """All-pairs BFS, all sources at once: d[i, j] = fewest actions from i to j, or -1. A BFS
+    level is one row gather per action: target j joins source i's frontier if a predecessor k
+    (nxt[k, a] = j) was in it; the sources packed 8 a byte. No per-pair Python work."""
+    _, _, nxt = _transitions(layout)
     n = len(nxt)
-    pred = np.full((n + 1, 4), n)  # pred[j, a]: the cell a moves into j (n, padding: none)
+    pred = np.full((n + 1, nxt.shape[1]), n)  # pred[j, a]: the cell a moves into j (n: none)
     k, a = np.nonzero(nxt != np.arange(n)[:, None])
     pred[nxt[k, a], a] = k
     dist = np.full((n, n), -1, dtype=np.int32)  # (target, source) while building
-    frontier = np.zeros((n + 1, n), dtype=bool)  # (target + padding row, source)
-    frontier[np.arange(n), np.arange(n)] = True
-    reached, level = frontier[:n].copy(), 0
+    frontier = np.packbits(np.eye(n + 1, n, dtype=bool), axis=1)  # (target + padding, source)
+    reached, level = frontier.copy(), 0
     while frontier.any():
-        dist[frontier[:n]] = level
-        step = np.zeros((n + 1, n), dtype=bool)
-        for a in range(4):
-            step[:n] |= frontier[pred[:n, a]]  # (n, n) row gather
-        frontier = step
-        frontier[:n] &= ~reached
-        reached |= frontier[:n]
+        dist[np.unpackbits(frontier[:n], axis=1, count=n).view(bool)] = level
+        step = np.zeros_like(frontier)  # its padding row stays empty
+        for a in range(nxt.shape[1]):
+            step[:n] |= frontier[pred[:n, a]]  # row gather
+        frontier = step & ~reached
+        reached |= frontier
         level += 1
     return _frozen(np.ascontiguousarray(dist.T))  # (source, target)
 
 
-@functools.lru_cache(maxsize=4)
-def _optimal_actions(text):
-    """opt[i, j, a] = action a from i lies on a shortest path to j."""
-    _, _, nxt = _transitions(text)
-    d = _distances(text)
-    after = np.moveaxis(d[nxt], 1, 2)  # (N, N, 4): d(next(i, a), j)
-    closer = after == d[:, :, None] - 1
-    reachable = d[:, :, None] > 0
-    return _frozen(closer & reachable)
-
-
 # ---------------------------------------------------------------------- environment
 class GridWorld(gymnasium.Env):
-    """The gridworld of the module docstring; its ground truth, cached, read-only, N cells:
-        cells               (N, 2) int   (row, col) of each free cell
-        index               (H, W) int   cell index of (row, col), -1 on walls
-        one_way             (H, W) bool  the one-way cells
-        transitions()       (N, 4) int   next cell index for each cell and action
+    """The gridworld of the module docstring; grid, its characters, (H, W) or (n,) * d; its
+    ground truth, cached, read-only; N cells, D coordinates each (row, col), A moves:
+        moves               (A, D) int   each action's step
+        cells               (N, D) int   the coordinates of each free cell
+        index               shape  int   cell index of each coordinate, -1 on walls
+        one_way             shape  bool  the one-way cells
+        transitions()       (N, A) int   next cell index for each cell and action
         distance_matrix()   (N, N) int32 fewest actions from i to j, -1 if unreachable
-        optimal_actions()   (N, N, 4) bool  actions from i on a shortest path to j
+        optimal_actions()   (N, N, A) bool  actions from i on a shortest path to j
     """
 
     metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
@@ -326,16 +314,14 @@ class GridWorld(gymnasium.Env):
             raise ValueError(f"slip must be a number in [0, 1], got {slip!r}")
         self.slip, self.render_mode = slip, render_mode
         self.layout = load_layout(layout)
-        self.grid = parse_layout(self.layout)  # (H, W) map characters
-        self.height, self.width = self.grid.shape
-        self.one_way = np.zeros(self.grid.shape, dtype=bool)  # (H, W) the one-way cells
-        for char in ONE_WAY:
-            self.one_way |= self.grid == char
+        self.grid, self.moves = world(self.layout)
+        self.height, self.width = self.grid.shape[:2]  # of a 2-D map, or of a slice
+        self.one_way = np.isin(self.grid, list(ONE_WAY))
         self.cells, self.index, _ = _transitions(self.layout)
-        cell = gymnasium.spaces.MultiDiscrete([self.height, self.width])
+        cell = gymnasium.spaces.MultiDiscrete(self.grid.shape)
         self.observation_space = gymnasium.spaces.Dict(
             {"observation": cell, "achieved_goal": cell, "desired_goal": cell})
-        self.action_space = gymnasium.spaces.Discrete(4)
+        self.action_space = gymnasium.spaces.Discrete(len(self.moves))
         self.agent = self.goal = 0  # cell indices
 
     def transitions(self):
@@ -344,21 +330,32 @@ class GridWorld(gymnasium.Env):
     def distance_matrix(self):
         return _distances(self.layout)
 
-    def optimal_actions(self):
-        return _optimal_actions(self.layout)
+    def optimal_actions(self, s=None, g=None):
+        """Cell indices s, g (B,) -> (B, A) bool: the actions a from s on a shortest path to
+        g, d(next(s, a), g) = d(s, g) - 1. No s, g: all pairs, (N, N, A), on small maps."""
+        n = len(self.cells)
+        if s is None:
+            return self.optimal_actions(*np.divmod(np.arange(n * n), n)).reshape(n, n, -1)
+        s, g = np.asarray(s), np.asarray(g)
+        d = self.distance_matrix()
+        after = self.transitions()[s]  # (B, A) the next cells
+        to_go = d[s, g][:, None]  # (B, 1) d(s, g)
+        closer = d[after, g[:, None]] == to_go - 1  # (B, A)
+        return closer & (to_go > 0)
 
     def cell_indices(self, rc):
-        """(row, col) int pairs (B, 2) -> cell indices (B,); one pair (2,) -> an int.
+        """Coordinates (B, D), ints -> cell indices (B,); one cell's (D,) -> an int.
         TypeError for non-integers, ValueError for another shape or a cell that is not free."""
         a = np.asarray(rc)
+        dims = self.grid.ndim
         if a.dtype.kind not in "iu":
-            raise TypeError(f"cells must be integer (row, col) pairs, got {rc!r:.60}")
-        if a.ndim not in (1, 2) or a.shape[-1] != 2:
-            raise ValueError(f"cells must have shape (2,) or (B, 2), got shape {a.shape}")
-        flat = a.reshape(-1, 2)
+            raise TypeError(f"cells must be integer coordinates, got {rc!r:.60}")
+        if a.ndim not in (1, 2) or a.shape[-1] != dims:
+            raise ValueError(f"cells must have shape ({dims},) or (B, {dims}), got shape {a.shape}")
+        flat = a.reshape(-1, dims)
         inside = ((flat >= 0) & (flat < self.grid.shape)).all(1)
         index = np.full(len(flat), -1)
-        index[inside] = self.index[flat[inside, 0], flat[inside, 1]]
+        index[inside] = self.index[tuple(flat[inside].T)]
         if (index < 0).any():
             bad = tuple(flat[index < 0][0].tolist())
             raise ValueError(f"{bad} is not a free cell of this map")
@@ -375,42 +372,37 @@ class GridWorld(gymnasium.Env):
 
     def reset(self, *, seed=None, options=None):
         """Start and goal uniform over ordered pairs of distinct connected cells; options
-        {"start": (r, c), "goal": (r, c)} fixes either or both."""
+        {"start": (r, c), "goal": (r, c)} (d coordinates on a hypermaze) fixes either or both."""
         super().reset(seed=seed)
         options = options or {}
         unknown = set(options) - {"start", "goal"}
-        if unknown or any(np.shape(v) != (2,) for v in options.values()):
-            raise ValueError(f"options are 'start' and 'goal', each one (row, col); got {options}")
-        start = goal = None
-        if "start" in options:
-            start = self.cell_indices(options["start"])
-        if "goal" in options:
-            goal = self.cell_indices(options["goal"])
+        if unknown or any(np.shape(v) != (self.grid.ndim,) for v in options.values()):
+            raise ValueError(f"options are 'start' and 'goal', each one cell's coordinates; "
+                             f"got {options}")
+        any_cell = slice(None)  # as an index: every cell
+        start, goal = [self.cell_indices(options[key]) if key in options else any_cell
+                       for key in ("start", "goal")]
         pairs = self.distance_matrix() > 0  # (N, N): a path from s to g, s != g
-        possible = pairs
-        if start is not None:
-            possible = possible[start]
-        if goal is not None:
-            possible = possible[..., goal]
-        if not possible.any():
+        if not pairs[start, goal].any():
             raise ValueError(f"goal not reachable from the start (or the same cell): {options}")
         s, g = start, goal
-        while s is None or g is None or not pairs[s, g]:  # rejection sampling: uniform pairs
-            if start is None:
+        while s is any_cell or g is any_cell or not pairs[s, g]:  # rejection sampling:
+            if start is any_cell:  # uniform over the pairs
                 s = int(self.np_random.integers(len(pairs)))
-            if goal is None:
+            if goal is any_cell:
                 g = int(self.np_random.integers(len(pairs)))
         self.agent, self.goal = s, g
         return self._obs(), self._info()
 
     def step(self, action):
         a = np.asarray(action)
-        if a.ndim or a.dtype.kind not in "iu" or not 0 <= a < 4:
-            raise ValueError(f"action must be one integer, 0 up, 1 right, 2 down or 3 left, "
-                             f"got {action!r:.60}")
+        actions = len(self.moves)
+        if a.ndim or a.dtype.kind not in "iu" or not 0 <= a < actions:
+            raise ValueError(f"action must be one integer in [0, {actions}) (ASCII maps: 0 up, "
+                             f"1 right, 2 down, 3 left), got {action!r:.60}")
         action = int(a)
-        if self.slip and self.np_random.random() < self.slip:  # one of the other three
-            action = (action + 1 + int(self.np_random.integers(3))) % 4
+        if self.slip and self.np_random.random() < self.slip:  # one of the other actions
+            action = (action + 1 + int(self.np_random.integers(actions - 1))) % actions
         self.agent = int(self.transitions()[self.agent, action])
         reached = self.agent == self.goal
         return self._obs(), float(reached), reached, False, self._info()
@@ -420,22 +412,28 @@ class GridWorld(gymnasium.Env):
         return np.all(same, axis=-1).astype(float)
 
     def render(self):
+        """The map, or a hypermaze's 2-D slice through the agent (the goal if it lies there)."""
+        agent, goal = self.cells[self.agent], self.cells[self.goal]
+        goal_shows = (goal[2:] == agent[2:]).all()
+        plane = (slice(None), slice(None), *agent[2:])  # the first two coordinates vary
         if self.render_mode == "ansi":
-            grid = self.grid.copy()
-            grid[tuple(self.cells[self.goal])] = "G"
-            grid[tuple(self.cells[self.agent])] = "A"
+            grid = self.grid[plane].copy()
+            if goal_shows:
+                grid[tuple(goal[:2])] = "G"
+            grid[tuple(agent[:2])] = "A"
             return "\n".join("".join(row) for row in grid)
         if self.render_mode == "rgb_array":
-            colors = self.colors()
-            colors[tuple(self.cells[self.goal])] = [40, 170, 60]
-            colors[tuple(self.cells[self.agent])] = AGENT
+            colors = self.colors(plane)
+            if goal_shows:
+                colors[tuple(goal[:2])] = [40, 170, 60]
+            colors[tuple(agent[:2])] = AGENT
             return colors.repeat(8, axis=0).repeat(8, axis=1)  # 8 pixels a cell
 
-    def colors(self):
-        """(H, W, 3) uint8: the map's colour per cell, walls dark, one-way cells orange."""
-        colors = np.full((*self.grid.shape, 3), 235, dtype=np.uint8)  # free: light grey
-        colors[self.grid == WALL] = 40
-        colors[self.one_way] = [235, 200, 120]
+    def colors(self, plane=()):
+        """(H, W, 3) uint8: each cell's colour (of a slice, plane), walls dark, one-way orange."""
+        colors = np.full((self.height, self.width, 3), 235, dtype=np.uint8)  # free: light grey
+        colors[self.grid[plane] == WALL] = 40
+        colors[self.one_way[plane]] = [235, 200, 120]
         return colors
 
     @functools.lru_cache(maxsize=4)  # maze51: seconds of checks
@@ -478,6 +476,8 @@ class ImageObservation(gymnasium.ObservationWrapper, gymnasium.utils.RecordConst
         gymnasium.utils.RecordConstructorArgs.__init__(self, tile=tile)  # check_env remakes it
         gymnasium.ObservationWrapper.__init__(self, env)
         self.tile = tile
+        if env.unwrapped.grid.ndim != 2:
+            raise ValueError("images are of 2-D maps, not of a hypermaze")
         height, width = env.unwrapped.grid.shape
         image = gymnasium.spaces.Box(0, 255, (height * tile, width * tile, 3), np.uint8)
         keys = ("observation", "achieved_goal", "desired_goal")

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import sys
 
 import numpy as np
 import torch
@@ -315,9 +316,16 @@ class Agent:
         return self.actor(seen, s, g).argmax(-1).cpu().numpy()
 
 
+def replace_unknown_characters():
+    """A console that cannot show ε shows \\u03b5 (Windows' cp1252, LC_ALL=C)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv=None):
     """The command line: python experiments.py --compare|--assumptions|--observations."""
-    metricrl.replace_unknown_characters()
+    replace_unknown_characters()
     try:
         args, given = metricrl.parse_args(argv, SweepArgs, "experiments.py", __doc__)
         name = check_sweep(args, given)

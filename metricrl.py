@@ -25,6 +25,7 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 import torch.nn as nn
+from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 
 import gridworld
@@ -36,7 +37,7 @@ class Args:  # each knob's comment is its --help text
     algo: Literal["metricrl", "gcbc", "td"] = "metricrl"  # or a baseline: gcbc, td
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     seed: int = 0  # seeds the data and the networks (the evaluation is exact)
-    episodes: int = 0  # offline trajectories; 0: 200 per 128 cells of the map
+    episodes: int = 0  # offline trajectories; 0: 200 per 512 moves (cell, action) of the map
     episode_len: int = 100  # steps per trajectory
     epsilon: float = 1.0  # behaviour: random action with this probability, else an optimal one
     features: Literal["onehot", "xy", "image"] = "onehot"  # a cell: one-hot, (row, col), or RGB
@@ -48,7 +49,7 @@ class Args:  # each knob's comment is its --help text
     data: Literal["all", "split", "one-direction"] = "all"  # split halves; one-direction: one way
     super_state: bool = False  # join every trajectory's end to one virtual state
     latent: int = 32  # k, the size of the embedding phi(s)
-    hidden: int = 128  # width of the hidden layers of phi and pi
+    hidden: int = 0  # width of the hidden layers of phi and pi; 0: 128, 256 beyond 4 actions
     critic: Literal["paper", "exact", "bfs"] = "paper"  # the paper's; exact: learns d; bfs: oracle
     lam: float = 1.0  # lambda, weight of the negative (push) term
     metric: Literal["euclidean", "quasimetric"] = "euclidean"  # d_phi; quasimetric: asymmetric
@@ -57,6 +58,7 @@ class Args:  # each knob's comment is its --help text
     beta: float = 6.0  # inverse temperature of the exp weights
     w_max: float = 1000.0  # clip of the exp weights: at beta 6, it binds for A > 1.15 steps
     goals: Literal["auto", "uniform", "random", "hindsight"] = "auto"  # auto: hindsight for gcbc
+    actions: Literal["auto", "one", "all"] = "auto"  # per (s, g): one drawn, all at s (auto: A > 4)
     expectile: float = 0.7  # td: expectile of the TD target
     steps: int = 2600  # gradient steps in all
     critic_only: float = 0.2  # share of the steps that train the critic alone (not gcbc, bfs)
@@ -68,19 +70,18 @@ class Args:  # each knob's comment is its --help text
 
 
 # ============================================================================ 1. data
-def default_episodes(n):
-    """The data-size rule for --episodes 0: 200 trajectories per 128 cells of the map."""
-    return 200 * math.ceil(n / 128)
+def default_episodes(n, actions):
+    """--episodes 0: 200 trajectories per 512 moves (s, a), ~39 of each (2-D: per 128 cells)."""
+    return 200 * math.ceil(n * actions / 512)
 
 
 def collect_dataset(env, args, rng):
-    """E trajectories of T steps, run at once: a random action with probability epsilon, else
-    an optimal one towards a target cell (redrawn when reached). -> int64 tensors s, a, s2,
-    episode, t, each (M,), M = E * T, in time order: transition (e, t) is row t * E + e."""
-    nxt = env.transitions()  # (N, 4) the next cell of each cell and action
-    optimal = env.optimal_actions()  # (N, N, 4)
-    n = len(nxt)
-    e = args.episodes or default_episodes(n)
+    """E trajectories of T steps at once: a random action with probability epsilon, else an optimal
+    one to a target cell (redrawn when reached) -> int64 s, a, s2, episode, t, each (M = E T,),
+    in time order: transition (e, t) is row t * E + e."""
+    nxt = env.transitions()  # (N, A) the next cell of each cell and action
+    n, actions = nxt.shape
+    e = args.episodes or default_episodes(n, actions)
     right_half = 2 * env.cells[:, 1] >= env.width  # (N,), for --data split
     held = env.held_out(args.holdout, args.seed)  # (N,) bool: cells the data never visits
     kept = np.flatnonzero(~held)  # (N_kept,)
@@ -88,14 +89,14 @@ def collect_dataset(env, args, rng):
     target = rng.choice(kept, size=e)  # (E,)
     steps = []
     for t in range(args.episode_len):
-        expert = optimal[state, target]  # (E, 4); no optimal action at the target
-        greedy = np.argmax(expert + rng.random((e, 4)), axis=1)  # one optimal action at random
-        uniform = rng.integers(4, size=e)
+        expert = env.optimal_actions(state, target)  # (E, A); none at the target
+        greedy = np.argmax(expert + rng.random((e, actions)), axis=1)  # one optimal at random
+        uniform = rng.integers(actions, size=e)
         explore = rng.random(e) < args.epsilon
         act = np.where(explore | ~expert.any(1), uniform, greedy)
         moved = act
-        if args.slip > 0:  # the move slips to one of the other three; the data keeps `act`
-            other = (act + 1 + rng.integers(3, size=e)) % 4
+        if args.slip > 0:  # the move slips to one of the other actions; the data keeps `act`
+            other = (act + 1 + rng.integers(actions - 1, size=e)) % actions
             slipped = rng.random(e) < args.slip
             moved = np.where(slipped, other, act)
         after = nxt[state, moved]
@@ -119,18 +120,18 @@ def collect_dataset(env, args, rng):
 
 
 def cell_features(env, args):
-    """Each cell's observation x: one-hot (N, N); (row, col) in [-1, 1] and their sin and cos
-    at L frequencies pi 2^0 .. pi 2^(L-1) (departure: Fourier features), (N, 2 + 4L); or the
-    RGB image of the map with the agent in that cell (Gymnasium's wrapper), (N, 3, H, W)."""
+    """Each cell's observation x: one-hot (N, N); its D coordinates in [-1, 1] and their sin and
+    cos at L frequencies pi 2^0 .. pi 2^(L-1) (departure: Fourier features), (N, D + 2DL); or
+    the RGB image of the map with the agent in that cell (Gymnasium's wrapper), (N, 3, H, W)."""
     if args.features == "onehot":
         return torch.eye(len(env.cells))
     if args.features == "image":
         images = gridworld.ImageObservation(env, args.tile).images(np.arange(len(env.cells)))
         return torch.as_tensor(images).permute(0, 3, 1, 2) / 255  # channels first, in [0, 1]
-    size = torch.tensor([env.height - 1, env.width - 1]).clamp(min=1)
-    xy = 2 * torch.tensor(env.cells, dtype=torch.float32) / size - 1  # (N, 2) in [-1, 1]
+    size = (torch.tensor(env.grid.shape) - 1).clamp(min=1)  # (D,)
+    xy = 2 * torch.tensor(env.cells, dtype=torch.float32) / size - 1  # (N, D) in [-1, 1]
     scales = math.pi * 2.0 ** torch.arange(args.fourier)  # (L,)
-    angles = (xy[:, :, None] * scales).flatten(1)  # (N, 2L)
+    angles = (xy[:, :, None] * scales).flatten(1)  # (N, DL)
     return torch.cat([xy, angles.sin(), angles.cos()], dim=1)
 
 
@@ -151,7 +152,7 @@ def torso(args, x):
 
 class PairNet(nn.Module):
     """An MLP on [x_s; x_g]: the actor pi(a | s, g), or td's V(s, g); torso: a CNN on images."""
-    def __init__(self, features, hidden, outputs=4, torso=()):
+    def __init__(self, features, hidden, outputs, torso=()):
         super().__init__()
         self.torso = nn.Sequential(*torso)  # no layer: x as it is
         self.s_in = nn.Linear(features, hidden)  # W_s, b
@@ -185,13 +186,16 @@ def build_critic(env, args, x):
 
 
 def build(env, args, device):
-    """The observations x (N, ...), the critic (or None) and the actor, on the device."""
+    """The observations x (N, ...), the critic (or None) and the actor, on the device. --hidden
+    0: 128 units, 256 past 4 actions (a hypermaze's 3^d logits: 128 held pi back, README)."""
+    wide = len(env.moves) > 4
+    args = dataclasses.replace(args, hidden=args.hidden or (256 if wide else 128))
     x = cell_features(env, args)
     critic = build_critic(env, args, x)
     layers, f = torso(args, x)  # the actor's CNN, unless it reads the critic's (actor_input)
     if layers and args.algo != "gcbc" and args.critic != "bfs":
         layers = []  # the same F features, from the critic's CNN
-    actor = PairNet(f, args.hidden, torso=layers).to(device)
+    actor = PairNet(f, args.hidden, len(env.moves), torso=layers).to(device)  # A logits
     if critic is not None:
         critic = critic.to(device)
     return x.to(device), critic, actor
@@ -199,9 +203,8 @@ def build(env, args, device):
 
 @torch.no_grad()
 def actor_input(critic, x, args):
-    """What the actor reads: x; with images and a learned critic, the critic's CNN features (N,
-    F), standardized over the cells: a torso shared with the critic (departure), trained by
-    its loss alone (with a CNN of its own the actor often learned one action for all: README)."""
+    """What the actor reads: x; with images and a learned critic, the critic's CNN features (N, F),
+    standardized: a torso shared, trained by the critic's loss (departure: README)."""
     if args.features != "image" or args.algo == "gcbc" or args.critic == "bfs":
         return x
     cnn = critic.torso if args.algo == "td" else critic[0]
@@ -216,15 +219,13 @@ def weighted_mean(values, counts):
 
 
 def metric_loss(d, moves, pairs, args):
-    """The critic's loss (Sec. 3) from d (N, N) = d_phi of every pair of cells, counted by
-    pair_counts() (N, N) each:
+    """The critic's loss (Sec. 3) from d (N, N) = d_phi of every pair, counted by pair_counts():
       positive = mean over moves s -> s'                     (d_phi(s, s') - 1)^2
       negative = mean over other pairs (s_i, s'_j), i != j   -log d_phi(s_i, s'_j)
       loss     = positive + lambda * negative"""
     positive = weighted_mean((d - 1) ** 2, moves)
     negative = weighted_mean(-torch.log(d + 1e-6), pairs)
-    loss = positive + args.lam * negative
-    return loss, {"positive": positive, "negative": negative}
+    return positive + args.lam * negative, {"positive": positive, "negative": negative}
 
 
 def pair_counts(data, n):
@@ -243,13 +244,11 @@ def pair_counts(data, n):
 
 
 def exact_loss(z, moves, pairs, mu):
-    """--critic exact (beyond the paper): z (N, k = N), a coordinate z_c per cell c, and
-    d_phi(s, g) = max_c relu(z_c(s) - z_c(g)) (latent_distance's "max-relu").
-      loss = -mean_(s, g) min(z_g(s) - z_g(g), N)                 each pair, on its goal's
-             + mu * mean_(u -> v, c) relu(z_c(u) - z_c(v) - 1)^2  every coordinate, every move
-    Why d(s, g): summed along a path of the data's moves, the penalty's z_c(u) <= z_c(v) + 1
-    gives z_c(s) - z_c(g) <= d(s, g) for every c; the push raises z_g(s) - z_g(g) to that
-    bound (a linear program per goal g; the cap N for unreachable pairs). Never reads BFS."""
+    """--critic exact (beyond the paper): z (N, k = N), z_c per cell c, d_phi = max-relu (below):
+      loss = -mean_(s, g) min(z_g(s) - z_g(g), N)
+             + mu * mean_(u -> v, c) relu(z_c(u) - z_c(v) - 1)^2
+    Why d(s, g): summed along a path of the data's moves, z_c(u) <= z_c(v) + 1 gives z_c(s) -
+    z_c(g) <= d(s, g); the push raises z_g(s) - z_g(g) to it (cap N: unreachable). No BFS."""
     u, v = moves.nonzero().T  # (K,) each: the data's K distinct moves u -> v
     rise = z - z.diagonal()  # (N, N): [s, g] = z_g(s) - z_g(g), row s less the diagonal
     raised = weighted_mean(rise.clamp(max=len(z)), moves + pairs)  # over the data's pairs
@@ -260,12 +259,9 @@ def exact_loss(z, moves, pairs, mu):
 
 def with_super_state(data, args, n):
     """--super-state (Sec. 3.4): a move from each trajectory's end to one virtual state, n."""
-    episodes = len(data["s"]) // args.episode_len
-    last = data["s2"][-episodes:]  # (E,) the last time block, t = T - 1: the ends
-    s = torch.cat([data["s"], last])
-    a = torch.cat([data["a"], 0 * last])  # an action is needed; the critic never reads it
+    last = data["s2"][-(len(data["s"]) // args.episode_len):]  # (E,) t = T - 1: the ends
     s2 = torch.cat([data["s2"], torch.full_like(last, n)])
-    return {"s": s, "a": a, "s2": s2}
+    return {"s": torch.cat([data["s"], last]), "s2": s2}  # for pair_counts()
 
 
 def embed(critic, x, args):
@@ -282,9 +278,7 @@ def latent_distance(z, zg, metric="euclidean"):
                    coordinates (Liu et al. 2023), asymmetric; max-relu: --critic exact's"""
     if metric == "euclidean":
         return (z - zg).norm(dim=-1)
-    half = 0
-    if metric == "quasimetric":
-        half = z.shape[-1] // 2
+    half = z.shape[-1] // 2 if metric == "quasimetric" else 0
     symmetric = (z[..., :half] - zg[..., :half]).norm(dim=-1)  # 0 for max-relu
     one_way = (z[..., half:] - zg[..., half:]).relu().amax(-1)
     return symmetric + one_way
@@ -322,28 +316,33 @@ def advantage_weights(d, d2, args):
 
 # ================================================================ 4. actor (Sec. 3.3)
 def actor_loss(logits, a, w):
-    """Weighted imitation, -mean_i w_i log pi(a_i | s_i, g_i): logits (B, 4), a, w (B,)."""
-    logp = torch.log_softmax(logits, dim=-1)  # (B, 4)
+    """Weighted imitation, -mean_i w_i log pi(a_i | s_i, g_i): logits (B, A), a, w (B,); with
+    --actions all, a None and w (B, A_d), a weight for each action: -mean_i sum_a w_ia log pi."""
+    logp = torch.log_softmax(logits, dim=-1)  # (B, A)
+    if a is None:
+        return -(w * logp[:, :w.shape[1]]).sum(1).mean()
     logp_a = logp.gather(1, a[:, None]).squeeze(1)  # (B,)
     return -(w * logp_a).mean()
 
 
 def balance(data):
-    """For --goals uniform: the cells the data leaves from (C,), and a weight per transition
-    (M,), 1 / (n(s, a) k(s)): n(s, a) transitions of the move (s, a), k(s) distinct actions at
-    s. So a weighted draw's s is a uniform cell, a a uniform action of the data at s."""
-    move = 4 * data["s"] + data["a"]  # (M,) the move (s, a) as one index
+    """For --goals uniform: the cells the data leaves from (C,), a weight per transition (M,),
+    1 / (n(s, a) k(s)), n(s, a) moves (s, a), k(s) actions at s: a draw's s is a uniform cell, a
+    a uniform action there; --actions all: moves (C', A_d), the data's next cell of (s, a) or -1."""
+    a_max = int(data["a"].max()) + 1  # above every action of the data: (s, a) as one index
+    move = a_max * data["s"] + data["a"]  # (M,) the move (s, a) as one index
     per_move = torch.bincount(move)[move]  # (M,) n(s, a)
-    actions = torch.bincount(torch.unique(move) // 4)  # k(s) for s = 0, 1, ... up to the last
+    actions = torch.bincount(torch.unique(move) // a_max)  # k(s) for s = 0, 1, ... to the last
     per_cell = actions[data["s"]]  # (M,) k(s)
-    return {"cells": actions.nonzero()[:, 0], "weight": 1 / (per_move * per_cell)}
+    moves = torch.full((len(actions), a_max), -1, device=move.device)
+    moves[data["s"], data["a"]] = data["s2"]  # with --slip: one of the cells it went to
+    return {"cells": actions.nonzero()[:, 0], "weight": 1 / (per_move * per_cell), "moves": moves}
 
 
 def sample(data, n, goals, args):
-    """n transitions (s, a, s') of the data and a goal g each, (n,) tensors. goals:
-      uniform    s a uniform cell, a uniform action there, g a uniform data cell (departure)
-      random, hindsight  any transition, g any dataset state (the paper's), or a later state
-                 of its trajectory (GCBC's); mixed: either, half each (td's); None: no goal"""
+    """n transitions (s, a, s') of the data and a goal g each, (n,). goals: uniform: s a uniform
+    cell, a uniform action there, g a uniform data cell (departure); random, hindsight: any
+    transition, g any dataset state (the paper's) or a later state of its trajectory (GCBC's)"""
     m = len(data["s"])
     device = data["s"].device
     if goals == "uniform":
@@ -361,7 +360,7 @@ def sample(data, n, goals, args):
         t = data["t"][i]
         later = t + (torch.rand(n, device=device) * (args.episode_len - t)).long()
         g = data["s2"][later * (m // args.episode_len) + data["episode"][i]]
-    if goals == "mixed":
+    if goals == "mixed":  # td's: either, half each
         other = data["s"][torch.randint(m, (n,), device=device)]
         g = torch.where(torch.rand(n, device=device) < 0.5, g, other)
     return s, a, s2, g
@@ -383,8 +382,7 @@ def td_loss(v, v_target, x, s, s2, g, args):
 # ========================================================== 6. training (Algorithm 1)
 TARGET_RATE = 0.5  # td: V_target moves this share of the way to V after each step (tuned)
 EXACT_DUAL_RATE, EXACT_DUAL_MAX = 1e4, 1e6  # exact: mu += rate * violation, to a cap (README)
-EXACT_LR = 0.2  # --critic exact's Adam learning rate, falling towards 0 (measured: README)
-EXACT_BETAS = (0.5, 0.9)  # and its Adam betas (measured: README)
+EXACT_LR, EXACT_BETAS = 0.2, (0.5, 0.9)  # --critic exact's Adam (measured: README); lr falls
 
 
 def critic_step(critic, x, data, counts, args, memory):
@@ -409,8 +407,7 @@ def critic_step(critic, x, data, counts, args, memory):
 
 @torch.no_grad()
 def actor_weights(critic, x, z, s, s2, g, args):
-    """w (B,) from the critic's distances to g from s and from s' (d_phi from this step's z
-    (N, k), td's log_gamma V, the oracle's BFS distance); gcbc's all 1: plain imitation."""
+    """w (B,) from the critic's distance to g from s and s' (d_phi, log_gamma V, BFS); gcbc: 1."""
     if critic is None:
         return torch.ones_like(s, dtype=torch.float)
     if args.critic == "bfs":
@@ -425,6 +422,21 @@ def actor_weights(critic, x, z, s, s2, g, args):
     return advantage_weights(d, d2, args)
 
 
+def actor_step(critic, actor, x, z, data, goals, args):
+    """The actor's loss (Sec. 3.3) on (s, g)s: for one drawn action of the data each, or (--actions
+    all) for every a the data took at s, w(s, a, g) / k(s): that loss's mean over a at s."""
+    s, a, s2, g = sample(data, args.actor_batch, goals, args)  # (B,)
+    logits = actor(actor_input(critic, x, args), s, g)  # (B, A)
+    if args.actions == "one":
+        return actor_loss(logits, a, actor_weights(critic, x, z, s, s2, g, args))
+    dz = critic_distances(critic, x, args)  # (N, N), no gradient
+    s2 = data["moves"][s]  # (B, A_d) the next cells, -1: a move the data lacks
+    taken = (s2 >= 0).float()
+    d2 = dz[s2.clamp(min=0), g[:, None]]  # (B, A_d) d(s', g)
+    w = advantage_weights(dz[s, g][:, None], d2, args) * taken  # (B, A_d)
+    return actor_loss(logits, None, w / taken.sum(1, keepdim=True))
+
+
 def actor_budget(n):
     """The actor's samples per step grow with the N^2 pairs it must learn (departure)."""
     return max(1024, n * n // 32)
@@ -433,9 +445,7 @@ def actor_budget(n):
 def learning_rates(done, args, actor_from):
     """The critic's and the actor's after `done` steps: the critic's --lr (exact's, 0.2 falling
     towards 0); the actor's --lr from its first step, falling linearly towards 0 (departure)."""
-    critic = args.lr
-    if args.critic == "exact":
-        critic = EXACT_LR * (1 - done / args.steps)
+    critic = EXACT_LR * (1 - done / args.steps) if args.critic == "exact" else args.lr
     span = max(1, args.steps - actor_from)
     return critic, args.lr * min(1.0, (args.steps - done) / span)
 
@@ -458,7 +468,12 @@ def train(data, x, critic, actor, args, truth=None):
     if goals == "auto":
         goals = "hindsight" if args.algo == "gcbc" else "uniform"
     data = {**data, **balance(data)}
-    args = dataclasses.replace(args, actor_batch=args.actor_batch or actor_budget(len(x)))
+    actions = args.actions  # auto: all for metricrl with more than 4 actions (a hypermaze)
+    if actions == "auto":
+        many = data["moves"].shape[1] > 4
+        actions = "all" if args.algo == "metricrl" and many else "one"
+    batch = args.actor_batch or actor_budget(len(x))
+    args = dataclasses.replace(args, actor_batch=batch, actions=actions)
     critic_data = data
     if args.super_state:
         critic_data = with_super_state(data, args, len(x))
@@ -471,10 +486,7 @@ def train(data, x, critic, actor, args, truth=None):
             loss, info, z = critic_step(critic, x, critic_data, counts, args, memory)
             info["critic_loss"] = loss
         if step > actor_from:
-            s, a, s2, g = sample(data, args.actor_batch, goals, args)  # (B_actor,)
-            w = actor_weights(critic, x, z, s, s2, g, args)  # (B_actor,)
-            logits = actor(actor_input(critic, x, args), s, g)  # (B_actor, 4)
-            info["actor_loss"] = actor_loss(logits, a, w)
+            info["actor_loss"] = actor_step(critic, actor, x, z, data, goals, args)
             loss = loss + info["actor_loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -488,22 +500,23 @@ LIMIT = gridworld.gymnasium.spec("GridWorld-v0").max_episode_steps  # rollout st
 
 
 def ground_truth(env, args, device):
-    """BFS's truth as tensors: nxt (N, 4), d (N, N) (-1: unreachable), opt (N, N, 4), and
-    unseen (N, N), the pairs whose start or goal the data never visits (--holdout)."""
+    """BFS's truth: nxt (N, A), d (N, N) (-1: unreachable), unseen (N, N): the pairs with an end
+    the data never visits (--holdout). No (N, N, A) table (5 GB on hypermaze4): optimal_rate()."""
     nxt = torch.as_tensor(np.array(env.transitions()), device=device)
     d = torch.as_tensor(np.array(env.distance_matrix()), device=device)
-    opt = torch.as_tensor(np.array(env.optimal_actions()), device=device)
     held = torch.as_tensor(env.held_out(args.holdout, args.seed), device=device)  # (N,)
-    return {"nxt": nxt, "d": d, "opt": opt, "unseen": held[:, None] | held[None, :]}
+    return {"nxt": nxt, "d": d, "unseen": held[:, None] | held[None, :]}
 
 
 @torch.no_grad()
-def pair_table(net, x, chunk=1 << 16):
-    """A PairNet on every pair (s, g): (N, N, outputs), in chunks of pairs p = s * N + g."""
+def pair_table(net, x, greedy=False, chunk=1 << 16):
+    """A PairNet on all pairs, by chunks of p = s N + g: (N, N, outputs), or greedy (N, N)."""
     n = len(x)
-    pairs = torch.arange(n * n, device=x.device)
-    parts = [net(x, p // n, p % n) for p in pairs.split(chunk)]
-    return torch.cat(parts).view(n, n, -1)
+    parts = []
+    for p in torch.arange(n * n, device=x.device).split(chunk):
+        out = net(x, p // n, p % n)  # (chunk, outputs)
+        parts.append(out.argmax(-1) if greedy else out)
+    return torch.cat(parts).view(n, n, *parts[0].shape[1:])
 
 
 @torch.no_grad()
@@ -522,11 +535,10 @@ def critic_distances(critic, x, args):
 
 def rollout(table, nxt, limit, slip=0.0, seed=0):
     """The policy table (N, N) rolled out from every s to every g at once, up to `limit` steps
-    -> reached (N, N) bool, steps (N, N). Back at a cell, a deterministic table loops forever:
-    stopped, failed (Brent: each pair saves its cell at steps 1, 2, 4, ...; a loop of length L
-    brings it back to the save 2^j >= L within L steps)."""
+    -> reached (N, N) bool, steps (N, N). Back at a cell, a deterministic table loops: failed
+    (Brent: a pair saves its cell at steps 1, 2, 4, ..., a loop of length L returns to 2^j >= L)."""
     gen = torch.Generator(device=table.device).manual_seed(seed)
-    n = len(table)
+    n, actions = nxt.shape
     pair = torch.arange(n * n, device=table.device)  # (P,) P = N^2 pairs, p = s * N + g
     pos, goal = pair // n, pair % n  # (P,) each pair's cell and goal
     steps = torch.zeros_like(pair)
@@ -536,10 +548,10 @@ def rollout(table, nxt, limit, slip=0.0, seed=0):
         if len(live) == 0:
             break
         act = table[pos[live], goal[live]]  # (P_live,)
-        if slip > 0:  # a slip turns the action into one of the other three
-            turn = 1 + torch.randint(3, act.shape, generator=gen, device=act.device)
+        if slip > 0:  # a slip turns the action into one of the other A - 1
+            turn = 1 + torch.randint(actions - 1, act.shape, generator=gen, device=act.device)
             slipped = torch.rand(act.shape, generator=gen, device=act.device) < slip
-            act = torch.where(slipped, (act + turn) % 4, act)
+            act = torch.where(slipped, (act + turn) % actions, act)
         pos[live] = nxt[pos[live], act]
         steps[live] += 1
         going = pos[live] != goal[live]
@@ -549,20 +561,6 @@ def rollout(table, nxt, limit, slip=0.0, seed=0):
         if t & (t - 1) == 0:  # t is a power of two
             saved[live] = pos[live]
     return (pos == goal).view(n, n), steps.view(n, n)
-
-
-def spearman(x, y):
-    """Spearman rank correlation: the Pearson correlation of the ranks (ties: their mean)."""
-    centred = []
-    for v in (x, y):
-        _, inverse, counts = torch.unique(v, return_inverse=True, return_counts=True)
-        # the distinct values in order: the last rank of each is the running count, its
-        # ties take the ranks down from there, their mean: cumsum - (count - 1) / 2
-        rank = (counts.cumsum(0) - (counts - 1) / 2)[inverse].double()
-        rank -= rank.mean()
-        centred.append(rank)
-    rx, ry = centred
-    return ((rx * ry).sum() / (rx.norm() * ry.norm())).item()
 
 
 def monotonicity(dz, d, triplets=200_000, seed=0):
@@ -578,9 +576,11 @@ def monotonicity(dz, d, triplets=200_000, seed=0):
     return kept.double().mean().item()
 
 
-def optimal_rate(table, opt, mask):
-    """The share of the pairs in mask (N, N) whose action in the table (N, N) is optimal."""
-    on_path = opt.gather(2, table[..., None])[..., 0]  # (N, N)
+def optimal_rate(table, truth, mask):
+    """Of the pairs in mask (N, N), the share whose action a in the table (N, N) is optimal."""
+    d = truth["d"]
+    after = truth["nxt"].gather(1, table)  # (N, N): [s, g] = next(s, table[s, g])
+    on_path = d.gather(0, after) == d - 1  # (N, N): d(next(s, a), g) = d(s, g) - 1
     return on_path[mask].double().mean().item()
 
 
@@ -588,24 +588,26 @@ def optimal_rate(table, opt, mask):
 def evaluate(dz, actor, x, truth, slip=0.0, limit=LIMIT):
     """Every metric over all reachable pairs s != g, against BFS: of the actor's greedy
     policy as a table, and of the critic's distances dz (N, N) (None: no critic, nan)."""
-    d, nxt, opt = truth["d"], truth["nxt"], truth["opt"]
+    d, nxt = truth["d"], truth["nxt"]
     reachable = d > 0  # (N, N): a path from s to g, s != g
-    policy = pair_table(actor, x).argmax(-1)  # (N, N) the greedy action
+    policy = pair_table(actor, x, greedy=True)  # (N, N) the greedy action
     reached, steps = rollout(policy, nxt, limit, slip=slip)
     ok = reached & reachable
     metrics = {"success_rate": ok[reachable].double().mean().item(), "path_ratio": math.nan}
     if ok.any():
         metrics["path_ratio"] = (steps[ok] / d[ok]).mean().item()
-    metrics["optimal_action_rate"] = optimal_rate(policy, opt, reachable)
+    metrics["optimal_action_rate"] = optimal_rate(policy, truth, reachable)
     parts = {"seen": reachable & ~truth["unseen"], "unseen": reachable & truth["unseen"]}
     for part, mask in parts.items():  # nothing held out: no unseen pair, its metrics nan
         metrics[f"success_{part}"] = ok[mask].double().mean().item()
     if dz is None:
         return {**metrics, **dict.fromkeys(CRITIC_METRICS, math.nan)}
-    greedy = dz[nxt].argmin(dim=1)  # (N, N), the critic's own policy: dz[nxt] is (N, 4, N)
+    # the critic's own policy: argmin_a dz(next(s, a), g), by rows (dz[nxt]: 20 GB, hypermaze4)
+    rows = max(1, 2**24 // nxt.numel())
+    greedy = torch.cat([dz[block].argmin(dim=1) for block in nxt.split(rows)])
     critic_reached, _ = rollout(greedy, nxt, limit, slip=slip)
     error = (dz[reachable] - d[reachable]).abs()  # |d_phi(s, g) - d(s, g)|; the oracle's: 0
-    metrics["value_greedy_rate"] = optimal_rate(greedy, opt, reachable)
+    metrics["value_greedy_rate"] = optimal_rate(greedy, truth, reachable)
     metrics["critic_success_rate"] = critic_reached[reachable].double().mean().item()
     metrics["spearman"] = spearman(dz[reachable], d[reachable].double())
     metrics["monotonicity"] = monotonicity(dz, d)
@@ -623,6 +625,16 @@ CRITIC_METRICS = ("value_greedy_rate", "critic_success_rate", "spearman", "monot
                   "critic_success_seen", "critic_success_unseen")  # and without --holdout
 METRICS = ("success_rate", "path_ratio", "optimal_action_rate", *CRITIC_METRICS[:6])
 SEEN_METRICS = ("success_seen", "success_unseen", *CRITIC_METRICS[6:])  # by --holdout
+
+
+def spearman(x, y):
+    """Spearman rank correlation: the Pearson correlation of the ranks (ties: their mean)."""
+    ranks = []
+    for v in (x, y):
+        _, inverse, counts = torch.unique(v, return_inverse=True, return_counts=True)
+        # in order, a value's last rank is the running count; its ties' mean: less (count - 1) / 2
+        ranks.append((counts.cumsum(0) - (counts - 1) / 2)[inverse].double())
+    return torch.corrcoef(torch.stack(ranks))[0, 1].item()
 
 
 class UsageError(Exception):
@@ -646,14 +658,13 @@ def run(args):
         data = collect_dataset(env, args, np.random.default_rng(args.seed))
         data = {key: column.to(device) for key, column in data.items()}
         truth = ground_truth(env, args, device)
-        coverage = data_coverage(data, len(env.cells))
+        coverage = data_coverage(data, env)
         x, critic, actor = build(env, args, device)
         if not args.quiet:
             say(f"{args.env}: {len(x)} cells | data {coverage} | {device} | {args.steps} steps")
         history = train(data, x, critic, actor, args, truth)
-        metrics = history[-1]
         shown = METRICS + (SEEN_METRICS if args.holdout > 0 else ())
-        metrics = {key: metrics[key] for key in shown}
+        metrics = {key: history[-1][key] for key in shown}
         save_checkpoint(os.path.join(tmp, "model.pt"), env, args, critic, actor, history)
         write_log(os.path.join(tmp, "log.csv"), history)
         figure = os.path.join(tmp, "metricrl.png")
@@ -671,23 +682,21 @@ def run(args):
     return metrics
 
 
-def data_coverage(data, n):
+def data_coverage(data, env):
     """The data's transitions, and the shares of the cells and of the moves it covers."""
+    n, actions = env.transitions().shape
     cells = torch.unique(torch.cat([data["s"], data["s2"]]))
-    moves = torch.unique(4 * data["s"] + data["a"])
+    moves = torch.unique(actions * data["s"] + data["a"])  # (s, a) as one index
     return {"transitions": len(data["s"]), "cell_coverage": len(cells) / n,
-            "edge_coverage": len(moves) / (4 * n)}
+            "edge_coverage": len(moves) / (actions * n)}
 
 
 class Progress:
     """train()'s log: losses summed on the device (no host sync in a step), a row of means."""
     def __init__(self, args, critic, actor, x, truth):
         self.args, self.critic, self.actor, self.x, self.truth = args, critic, actor, x, truth
-        self.totals = {}  # key: the sum of its losses since the last row, on the device
-        self.counts = {}  # key: how many steps added to it
-        self.history = []  # the rows
-        self.tick = time.time()  # when the last row was written
-        self.last = 0  # at which step
+        self.totals, self.counts, self.history = {}, {}, []  # per key: losses' sum, steps; rows
+        self.tick, self.last = time.time(), 0  # when and at which step the last row was
 
     def add(self, step, info):
         for key, loss in info.items():
@@ -710,8 +719,7 @@ class Progress:
         self.history.append(row)
         if not self.args.quiet:
             report(row, self.args)
-        self.totals = {}
-        self.counts = {}
+        self.totals, self.counts = {}, {}
         self.tick, self.last = time.time(), step
 
 
@@ -722,14 +730,10 @@ def report(row, args):
         if f"{name}_loss" in row:
             line += f"  {name} {row[name + '_loss']:7.3f}"
     line += f"  {row['steps_per_s']:5.0f} steps/s"
-    if "success_rate" in row:  # an evaluated step
+    if "success_rate" in row:  # an evaluated step (the unseen pairs: in the files)
         line += f" |  success {row['success_rate']:.3f}"
-        if args.holdout > 0:
-            line += f" (unseen {row['success_unseen']:.3f})"
     if not math.isnan(row.get("critic_success_rate", math.nan)):  # and a critic
         line += f"  critic success {row['critic_success_rate']:.3f}"
-        if args.holdout > 0:
-            line += f" (unseen {row['critic_success_unseen']:.3f})"
         line += f"  |d_phi - d| {row['distance_error']:.3f}  max {row['distance_error_max']:.3f}"
     minutes_left = (args.steps - row["step"]) / row["steps_per_s"] / 60
     if minutes_left > 1:
@@ -744,15 +748,21 @@ def show_map(fig, ax, env, values, title, cmap, label, goal, **kw):
         ax.text(0.5, 0.5, title, ha="center", va="center", transform=ax.transAxes, fontsize=12)
         return ax.set_axis_off()
     image = np.full((env.height, env.width), np.nan)
-    rows, cols = env.cells.T
-    image[rows, cols] = values
+    shown = in_slice(env, goal)
+    rows, cols = env.cells[shown, :2].T
+    image[rows, cols] = np.asarray(values)[shown]
     shown = ax.imshow(np.ma.masked_invalid(image), cmap=cmap, **kw)
     fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03, label=label)
     ax.set(title=title, xticks=[], yticks=[], facecolor="0.25")  # walls show the face colour
-    row, col = env.cells[goal]
+    row, col = env.cells[goal, :2]
     ax.plot(col, row, "*", color="white", ms=18, mec="k", label="goal g")
     for r, c in np.argwhere(env.one_way):
         ax.text(c, r, env.grid[r, c], ha="center", va="center", color="red", weight="bold")
+
+
+def in_slice(env, goal):
+    """(N,) bool: the cells of the 2-D slice through g, x_0 and x_1 free (a 2-D map: all)."""
+    return (env.cells[:, 2:] == env.cells[goal, 2:]).all(1)
 
 
 VALUE_TITLES = {"metricrl": r"Learned $V(s, g) = \gamma^{d_\phi(s, g)}$",
@@ -787,7 +797,8 @@ def plot_run(path, env, args, x, critic, actor, data, truth, history, metrics):
     held = " (cyan □: held out)" if args.holdout > 0 else ""
     show_map(fig, top[3], env, visits, f"Offline data: visits per cell (ε = {args.epsilon})"
              + held, "magma", "visits", goal)
-    rows, cols = env.cells[env.held_out(args.holdout, args.seed)].T  # --holdout's cells
+    held = env.held_out(args.holdout, args.seed) & in_slice(env, goal)  # --holdout's cells
+    rows, cols = env.cells[held, :2].T
     top[3].plot(cols, rows, "s", mfc="none", mec="cyan", ms=9, mew=2, label="held out")
     plot_learning(fig, bottom, env, args, d, dz, critic, x, goal, to_goal, history, kind)
     title = f"{run_name(args)} ({len(x)} cells, {len(data['s'])} transitions of data, ε = "
@@ -800,6 +811,8 @@ def plot_run(path, env, args, x, critic, actor, data, truth, history, metrics):
             title += f" (unseen {metrics['critic_success_unseen']:.3f})"
         title += f", monotonicity {metrics['monotonicity']:.3f}"
     title += f". Top row: one far goal g = {tuple(env.cells[goal].tolist())}"
+    if env.grid.ndim > 2:
+        title += f", on the slice through g: x_0 down, x_1 across, x_2.. as g's"
     fig.suptitle(title, size=13)
     fig.subplots_adjust(left=0.035, right=0.965, bottom=0.07, top=0.9, wspace=0.32, hspace=0.24)
     fig.savefig(path, dpi=70)
@@ -807,24 +820,30 @@ def plot_run(path, env, args, x, critic, actor, data, truth, history, metrics):
 
 def plot_policy(fig, ax, env, args, actor, x, truth, goal, to_goal):
     """The greedy policy's move in every cell towards the goal; red x: its rollout fails."""
-    table = pair_table(actor, x).argmax(-1)  # (N, N)
+    table = pair_table(actor, x, greedy=True)  # (N, N)
     reached, _ = rollout(table, truth["nxt"], len(x))
     fails = ~reached[:, goal].cpu().numpy() & (to_goal > 0)  # (N,)
     title = f"Greedy π(·|s, g): {fails.sum()} of {(to_goal > 0).sum()} cells fail (×)"
     if args.slip > 0:
         title += ", without slips"
+    if env.grid.ndim > 2:
+        title += "\n(arrows: a move's x_0, x_1 steps; ○: it leaves the slice)"
     show_map(fig, ax, env, to_goal, title, "Blues_r", "true distance to g", goal)
-    move = gridworld.MOVES[table[:, goal].cpu().numpy()]  # (N, 2) each cell's (d_row, d_col)
+    shown = in_slice(env, goal)
+    move = env.moves[table[shown, goal].cpu().numpy()]  # (N_shown, D) each cell's step
     small = 15 / max(env.height, env.width, 15)  # marks shrink on large maps
-    rows, cols = env.cells.T
+    rows, cols = env.cells[shown, :2].T
     ax.quiver(cols, rows, move[:, 1], move[:, 0], angles="xy", scale_units="xy", scale=1.6,
               width=0.006 * small, color="k")
-    ax.plot(cols[fails], rows[fails], "x", color="red", ms=9 * small, mew=2 * small)
+    leaves = (move[:, 2:] != 0).any(1)  # a hypermaze's move off the slice
+    ax.plot(cols[leaves], rows[leaves], "o", mfc="none", mec="k", ms=7 * small)
+    failed = fails[shown]
+    ax.plot(cols[failed], rows[failed], "x", color="red", ms=9 * small, mew=2 * small)
 
 
 def plot_learning(fig, axes, env, args, d, dz, critic, x, goal, to_goal, history, kind):
     """The exact metrics and losses in training; learned vs true distance; phi on 2 axes."""
-    a_distance, a_phi, a_metrics, a_losses = axes
+    a_dist, a_phi, a_metrics, a_losses = axes
     curves = {a_metrics: ("success_rate", "critic_success_rate", "optimal_action_rate",
                           "monotonicity"),
               a_losses: ("positive", "negative", "td_loss", "push", "violation", "actor_loss")}
@@ -832,8 +851,8 @@ def plot_learning(fig, axes, env, args, d, dz, critic, x, goal, to_goal, history
         for key in keys:
             rows = [row for row in history if not math.isnan(row.get(key, math.nan))]
             if rows:
-                steps = [row["step"] for row in rows]
-                ax.plot(steps, [row[key] for row in rows], "o-", ms=3, label=key)
+                ax.plot([row["step"] for row in rows], [row[key] for row in rows], "o-", ms=3,
+                        label=key)
     if args.algo != "gcbc" and args.critic != "bfs":
         a_metrics.axvline(args.critic_only * args.steps, color="0.5", ls=":", label="actor starts")
     a_metrics.set(title="Exact metrics during training", xlabel="gradient step", ylim=(0, 1.02))
@@ -841,27 +860,21 @@ def plot_learning(fig, axes, env, args, d, dz, critic, x, goal, to_goal, history
     a_metrics.legend(fontsize=8)
     a_losses.legend(fontsize=8)
     if dz is None:
-        show_map(fig, a_distance, env, None, f"{args.algo} has no critic", "", "", goal)
-    else:
-        plot_distances(a_distance, d, dz, DISTANCE_LABELS[kind])
+        show_map(fig, a_dist, env, None, f"{args.algo} has no critic", "", "", goal)
+    else:  # the learned distance against the true one: the median and 10-90% of the pairs
+        true, learned = d[d > 0], dz[d > 0]
+        steps = np.arange(1, true.max() + 1)  # every true distance
+        bands = np.array([np.percentile(learned[true == t], [10, 50, 90]) for t in steps])
+        a_dist.fill_between(steps, bands[:, 0], bands[:, 2], alpha=0.3, label="10–90% of pairs")
+        a_dist.plot(steps, bands[:, 1], label="median")
+        a_dist.plot(steps, steps, "k--", lw=1, label="learned = true")
+        a_dist.set(title=f"Learned vs true distance (mean error {abs(learned - true).mean():.2f})",
+                       xlabel="true distance d(s, g) (BFS)", ylabel=DISTANCE_LABELS[kind])
+        a_dist.legend()
     if args.algo == "metricrl" and args.critic != "bfs":
         plot_embedding(fig, a_phi, env, critic, x, args, goal, to_goal)
     else:
         show_map(fig, a_phi, env, None, "no embedding φ", "", "", goal)
-
-
-def plot_distances(ax, d, dz, ylabel):
-    """The learned distance against the true one: the median and 10-90% of the pairs."""
-    true, learned = d[d > 0], dz[d > 0]
-    steps = np.arange(1, true.max() + 1)  # every true distance
-    bands = np.array([np.percentile(learned[true == t], [10, 50, 90]) for t in steps])
-    ax.fill_between(steps, bands[:, 0], bands[:, 2], alpha=0.3, label="10–90% of pairs")
-    ax.plot(steps, bands[:, 1], label="median")
-    ax.plot(steps, steps, "k--", lw=1, label="learned = true")
-    error = abs(learned - true).mean()
-    ax.set(title=f"Learned vs true distance (mean |error| {error:.2f})",
-           xlabel="true distance d(s, g) (BFS)", ylabel=ylabel)
-    ax.legend()
 
 
 def plot_embedding(fig, ax, env, critic, x, args, goal, to_goal):
@@ -870,14 +883,14 @@ def plot_embedding(fig, ax, env, critic, x, args, goal, to_goal):
     centred = z - z.mean(0)
     axes = np.linalg.svd(centred, full_matrices=False)[2][:2]  # (2, k)
     xy = centred @ axes.T  # (N, 2)
-    start = np.repeat(np.arange(len(z)), 4)
-    end = env.transitions().ravel()  # (4N,) every move (a line each way, drawn twice)
-    edges = np.stack([start, end])[:, start != end]  # (2, E) the moves that move
-    ax.plot(xy[edges, 0], xy[edges, 1], color="0.8", lw=0.8, zorder=0)
+    nxt = env.transitions()[:, np.abs(env.moves).sum(1) == 1]  # (N, 2D) the axis moves (2-D: all)
+    edges = np.stack([np.repeat(np.arange(len(z)), nxt.shape[1]), nxt.ravel()], axis=1)
+    edges = edges[edges[:, 0] != edges[:, 1]]  # (E, 2) the moves that move, drawn both ways
+    ax.add_collection(LineCollection(xy[edges], color="0.8", lw=0.8, zorder=0))
     dots = ax.scatter(xy[:, 0], xy[:, 1], c=to_goal, s=18, plotnonfinite=True)
     fig.colorbar(dots, ax=ax, fraction=0.046, pad=0.03, label="true distance to g")
     ax.plot(xy[goal, 0], xy[goal, 1], "*", color="white", ms=18, mec="k")
-    ax.set(title="φ(s) on 2 principal axes (lines: moves)", xlabel="PC 1", ylabel="PC 2")
+    ax.set(title="φ(s) on 2 principal axes (lines: axis moves)", xlabel="PC 1", ylabel="PC 2")
 
 
 # =================================================== 10. files, checkpoints, command line
@@ -906,9 +919,8 @@ def save_checkpoint(path, env, args, critic, actor, history):
 
 def write_log(path, history):
     """log.csv: a row per progress line, a column per key that any row has."""
-    keys = list(dict.fromkeys(key for row in history for key in row))
     with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, keys)
+        writer = csv.DictWriter(f, list(dict.fromkeys(key for row in history for key in row)))
         writer.writeheader()
         writer.writerows(history)
 
@@ -942,16 +954,14 @@ def parse_args(argv=None, knobs=Args, prog="metricrl.py", about=__doc__):
 def require(args, name, ok, what):
     """Raise UsageError, naming the flag and its value, unless ok."""
     if not ok:
-        value = getattr(args, name)
-        raise UsageError(f"--{name.replace('_', '-')} must be {what}, got {value!r}")
+        raise UsageError(f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)!r}")
 
 
 def check_numbers(args):
     """Every number in its range (nan in none), ints below 2^31, floats finite."""
-    for name in ("steps", "episode_len", "eval_every", "hidden", "lr", "w_max", "tile",
-                 "channels"):
+    for name in ("steps", "episode_len", "eval_every", "lr", "w_max", "tile", "channels"):
         require(args, name, getattr(args, name) > 0, "positive")
-    for name in ("seed", "episodes", "actor_batch", "lam", "beta", "fourier"):
+    for name in ("seed", "episodes", "actor_batch", "lam", "beta", "fourier", "hidden"):
         require(args, name, getattr(args, name) >= 0, "0 or more")
     require(args, "fourier", args.fourier <= 16, "16 or less (float32 resolves no more)")
     require(args, "latent", args.latent >= 2, "2 or more (the figure projects phi on 2 axes)")
@@ -975,15 +985,14 @@ def check_args(args):
     defaults = dataclasses.asdict(Args())
     changed = {k for k, v in dataclasses.asdict(args).items() if v != defaults.get(k)}
     if args.algo == "td" and args.gamma == 1:
-        raise UsageError("td (--algo td, or in --algos) needs --gamma below 1 (its distance "
-                         "is log_gamma V)")
+        raise UsageError("td needs --gamma below 1 (its distance is log_gamma V)")
     if args.algo != "metricrl" and changed & {"super_state", "metric", "critic"}:
-        raise UsageError("--super-state, --metric and --critic are MetricRL's: "
-                         "use --algo metricrl")
-    own = {"metric", "latent", "lam"}  # exact's are fixed
-    if args.critic == "exact" and changed & own:
+        raise UsageError("--super-state, --metric, --critic are MetricRL's: use --algo metricrl")
+    if args.critic == "exact" and changed & {"metric", "latent", "lam"}:  # exact's are fixed
         raise UsageError("--critic exact has its own geometry (k = N) and loss: drop --metric, "
                          "--latent, --lam")
+    if args.algo == "gcbc" and args.actions == "all":
+        raise UsageError("--actions all weights every action by a critic; gcbc has none")
     hindsight = args.algo != "metricrl" or args.super_state or args.goals == "hindsight"
     if args.data == "one-direction" and hindsight:
         raise UsageError("--data one-direction keeps moves, not whole trajectories: no hindsight "
@@ -993,25 +1002,23 @@ def check_args(args):
 def pick_device(name):
     """--device: auto (a GPU if there is one), cpu, cuda or cuda:N, checked."""
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    allowed = ["auto", "cpu", *(f"cuda:{i}" for i in range(gpus))]
-    if gpus:
-        allowed.append("cuda")
+    allowed = ["auto", "cpu", *(f"cuda:{i}" for i in range(gpus))] + ["cuda"] * (gpus > 0)
     if name in allowed:
         return torch.device(name.replace("auto", "cuda" if gpus else "cpu"))
-    here = f" (CUDA is not available, torch {torch.__version__})"
     if gpus:
-        here = f" or cuda:0 to cuda:{gpus - 1}"
-    raise UsageError(f"--device {name}: here auto, cpu{here}")
+        raise UsageError(f"--device {name}: here auto, cpu, cuda or cuda:0 to cuda:{gpus - 1}")
+    raise UsageError(f"--device {name}: here auto, cpu (CUDA is not available, torch "
+                     f"{torch.__version__})")
 
 
 def memory_needed(env, args):
-    """Bytes a run needs, roughly: the (N, N) tables, the data, the networks, the batches,
-    and with images, each CNN's feature maps over all N images (kept for the backward pass)."""
-    n = len(env.cells)
-    episodes = args.episodes or default_episodes(n)
+    """Bytes a run needs, roughly: (N, N) tables, data, networks, batches, CNN feature maps."""
+    n, actions = env.transitions().shape
+    episodes = args.episodes or default_episodes(n, actions)
     batch = args.actor_batch or actor_budget(n)
     need = 250 * n * n + 100 * args.episode_len * episodes  # the tables, the data
-    need += 16 * (5 * n * args.hidden + 3 * args.hidden ** 2) + 32 * batch * args.hidden
+    hidden = args.hidden or 256  # and the actor's logits and weights, (B, A) each
+    need += 16 * (5 * n * hidden + 3 * hidden ** 2) + 32 * batch * (hidden + actions)
     if args.features == "image":  # and the convolutions' weights, gradients, Adam's moments
         pixels = env.height * env.width * args.tile ** 2
         need += 16 * n * pixels * (1 + 2 * args.channels) + 500 * args.channels ** 2
@@ -1032,10 +1039,14 @@ def setup(args):
     elif os.name == "posix":
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     if need > 0.8 * have:
+        instead = "a smaller map" + " or --device cuda" * (device.type == "cpu")
         raise UsageError(f"--env {args.env} with these flags needs about {need:.1f} GB of memory; "
-                         f"this {device.type} has {have:.1f} GB")
+                         f"this {device.type} has {have:.1f} GB: use {instead}")
     if not (env.distance_matrix() > 0).any():
         raise UsageError(f"--env {args.env}: no free cell can reach another one")
+    if args.features == "image" and env.grid.ndim > 2:
+        raise UsageError(f"--features image: an image shows 2-D maps; {args.env} is "
+                         f"{env.grid.ndim}-D: use --features xy or onehot")
     side = min(env.height, env.width) * args.tile  # the CNN's 4 layers need 17 pixels
     if args.features == "image" and side < 17:
         raise UsageError(f"--tile {args.tile}: --env {args.env}'s image is {side} pixels "
@@ -1075,16 +1086,8 @@ def exit_with_one_line(prog, error):
     sys.exit(code)
 
 
-def replace_unknown_characters():
-    """A console that cannot show ε shows \\u03b5 (Windows' cp1252, LC_ALL=C)."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(AttributeError, ValueError):
-            stream.reconfigure(errors="backslashreplace")
-
-
 def main(argv=None):
     """The command line: python metricrl.py [knobs] runs one run; returns its metrics."""
-    replace_unknown_characters()
     try:
         args, _ = parse_args(argv)  # (the flags given: for experiments.py)
         check_args(args)

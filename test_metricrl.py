@@ -2,6 +2,7 @@
 and experiments.py (the sweeps). All on CPU, on tiny maps, in the order of the code."""
 import copy
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -269,6 +270,95 @@ def test_slip_frequency(p):
         GridWorld("open", slip=1.5)
 
 
+def hypercube_by_hand(d, n):
+    """The authors' HyperCube, written out again: walls where x_0 in [int(0.2 n), int(0.4 n))
+    and every other x_i < int(0.8 n), or x_0 in [int(0.6 n), int(0.8 n)) and every other x_i >=
+    int(0.2 n); each of the 3^d moves adds -1, 0 or +1 to each coordinate; off the grid or into
+    a wall, the agent stays. -> free cells (as tuples, row-major), next cell of (cell, move)."""
+    def wall(c):
+        rest = c[1:]
+        first = int(0.2 * n) <= c[0] < int(0.4 * n) and all(x < int(0.8 * n) for x in rest)
+        second = int(0.6 * n) <= c[0] < int(0.8 * n) and all(x >= int(0.2 * n) for x in rest)
+        return first or second
+    cells = [c for c in itertools.product(range(n), repeat=d) if not wall(c)]
+    moves = list(itertools.product((-1, 0, 1), repeat=d))
+    def step(c, m):
+        t = tuple(x + dx for x, dx in zip(c, m))
+        return t if all(0 <= x < n for x in t) and not wall(t) else c
+    return cells, moves, step
+
+
+def test_hypermaze_cells_moves_and_bfs_equal_a_brute_force_by_hand():
+    env = GridWorld("hypermaze3s5")
+    cells, moves, step = hypercube_by_hand(3, 5)
+    assert [tuple(c) for c in env.cells.tolist()] == cells and len(cells) == 5**3 - 2 * 16
+    assert [tuple(m) for m in env.moves.tolist()] == moves  # the authors' order
+    index = {c: i for i, c in enumerate(cells)}
+    nxt = np.array([[index[step(c, m)] for m in moves] for c in cells])
+    assert (env.transitions() == nxt).all()
+    d = np.full((len(cells), len(cells)), -1)  # Floyd-Warshall, independent of the BFS
+    d[np.arange(len(cells)), np.arange(len(cells))] = 0
+    dist = np.where(nxt[:, :, None] == np.arange(len(cells)), 1, np.inf).min(1)
+    dist[np.arange(len(cells)), np.arange(len(cells))] = 0
+    for k in range(len(cells)):
+        dist = np.minimum(dist, dist[:, k:k + 1] + dist[k:k + 1, :])
+    d = np.where(np.isinf(dist), -1, dist)
+    assert (env.distance_matrix() == d).all()
+    assert (gridworld.world("hypermaze4")[0] != "#").sum() == 7952  # the paper's map
+
+
+def test_hypermaze_moves_as_the_authors_env():
+    """Diagonals and the stay move; off the grid or into a slab, the agent stays."""
+    env = GridWorld("hypermaze3s5")
+    action = {tuple(m): a for a, m in enumerate(env.moves.tolist())}
+    env.reset(options={"start": (0, 0, 0), "goal": (4, 4, 4)})
+    for move, after in [((-1, -1, -1), (0, 0, 0)),  # off the grid: stays
+                        ((1, 1, 1), (0, 0, 0)),  # into the first slab, (1, 1, 1): stays
+                        ((0, 0, 0), (0, 0, 0)),  # stay
+                        ((0, 1, 1), (0, 1, 1)),  # diagonals
+                        ((0, 1, 1), (0, 2, 2)),
+                        ((0, 1, 1), (0, 3, 3)),
+                        ((1, 1, 1), (1, 4, 4)),  # through the first slab's gap, x_i >= 4
+                        ((1, 0, 0), (2, 4, 4)),
+                        ((1, 0, 0), (2, 4, 4))]:  # into the second slab, (3, 4, 4): stays
+        obs, *_ = env.step(action[move])
+        assert tuple(obs["observation"].tolist()) == after, (move, after)
+    assert env.action_space.n == 27 and env.observation_space["observation"].shape == (3,)
+    check_env(gymnasium.make("GridWorld-v0", layout="hypermaze2s5").unwrapped)
+    assert "A" in GridWorld("hypermaze3s5", render_mode="ansi").render()  # a 2-D slice
+    with pytest.raises(ValueError, match="2-D maps"):
+        gridworld.ImageObservation(env)
+
+
+def test_a_tiny_hypermaze_learns(tmp_path):
+    out = tmp_path / "h"
+    metrics = metricrl.main(["--env", "hypermaze3s5", "--steps", "300", "--eval-every", "150",
+                             "--quiet", "--out", str(out)])
+    assert metrics["critic_success_rate"] > 0.9 and metrics["success_rate"] > 0.5
+    assert metrics["flags"]["actions"] == "auto" and (out / "metricrl.png").exists()
+
+
+def test_every_action_loss_is_the_mean_of_the_one_action_loss():
+    """--actions all: for each (s, g), sum_a w(s, a, g) / k(s) (-log pi(a | s, g)) over the
+    data's actions a at s, the one-action loss's mean over a uniform action at s."""
+    env, args, data, x, critic, actor = tiny_run("rooms", critic="bfs", actions="all",
+                                                 actor_batch=64)
+    data = {**data, **metricrl.balance(data)}
+    torch.manual_seed(3)
+    loss = metricrl.actor_step(critic, actor, x, None, data, "uniform", args)
+    torch.manual_seed(3)
+    s, _, _, g = metricrl.sample(data, args.actor_batch, "uniform", args)
+    d = torch.as_tensor(np.array(env.distance_matrix())).float()
+    logp = torch.log_softmax(actor(x, s, g), -1)
+    total = 0.0
+    for i in range(len(s)):
+        taken = data["moves"][s[i]]
+        acts = (taken >= 0).nonzero()[:, 0]
+        w = torch.exp(args.beta * (d[s[i], g[i]] - d[taken[acts], g[i]])).clamp(max=args.w_max)
+        total = total - (w * logp[i, acts]).sum() / len(acts)
+    assert loss.item() == pytest.approx(total.item() / len(s), rel=1e-5)
+
+
 def test_oneway_map_is_connected_and_asymmetric():
     env = GridWorld("oneway")
     d = env.distance_matrix()
@@ -336,6 +426,11 @@ def tiny_map(tmp_path):
 
 def truth(env, **knobs):
     return metricrl.ground_truth(env, Args(**knobs), "cpu")
+
+
+def opt_table(env):
+    """The whole (N, N, A) table of optimal actions (small maps only)."""
+    return torch.as_tensor(np.array(env.optimal_actions()))
 
 
 def tiny_run(layout, seed=0, **knobs):
@@ -419,7 +514,8 @@ def test_data_size_rule_grows_with_the_map():
         return len(data["s"]) // 2
     assert [episodes(name) for name in ("maze", "maze25", "maze51")] == [200, 600, 2000]
     assert episodes("maze51", episodes=7) == 7
-    assert metricrl.default_episodes(128) == 200 and metricrl.default_episodes(129) == 400
+    assert metricrl.default_episodes(128, 4) == 200 and metricrl.default_episodes(129, 4) == 400
+    assert metricrl.default_episodes(497, 81) == 200 * 79  # per 512 moves: as many of each
 
 
 def test_cell_features_one_hot_and_scaled_coordinates():
@@ -464,7 +560,7 @@ def test_image_features_are_the_wrappers_images_and_the_cnn_sees_every_pixel():
 
 def test_actor_first_layer_split_equals_an_mlp_on_concatenated_features():
     x = torch.randn(6, 3)
-    actor = metricrl.PairNet(3, 8)
+    actor = metricrl.PairNet(3, 8, 4)
     s, g = torch.tensor([0, 5, 2]), torch.tensor([1, 1, 4])
     layer = nn.Linear(6, 8)
     with torch.no_grad():
@@ -650,11 +746,13 @@ def test_actor_loss_by_hand():
 
 def test_balance_weights_by_hand():
     """Cell 0: move (0, 1) twice and (0, 2) once; cell 1: move (1, 0) once."""
-    data = {"s": torch.tensor([0, 0, 0, 1]), "a": torch.tensor([1, 1, 2, 0])}
+    data = {"s": torch.tensor([0, 0, 0, 1]), "a": torch.tensor([1, 1, 2, 0]),
+            "s2": torch.tensor([5, 5, 6, 7])}
     balanced = metricrl.balance(data)
     assert balanced["cells"].tolist() == [0, 1]
     # 1 / (n(s, a) k(s)): 1 / (2 * 2) for each of the two (0, 1), 1 / (1 * 2), 1 / (1 * 1)
     assert balanced["weight"].tolist() == [0.25, 0.25, 0.5, 1.0]
+    assert balanced["moves"].tolist() == [[-1, 5, 6], [7, -1, -1]]  # --actions all's table
 
 
 def test_uniform_sampler_covers_every_cell_and_action_alike():
@@ -877,7 +975,7 @@ def test_ground_truth_is_the_maps():
     t = truth(env)
     assert t["nxt"].tolist() == env.transitions().tolist()
     assert t["d"].tolist() == env.distance_matrix().tolist()
-    assert t["opt"].tolist() == env.optimal_actions().tolist()
+    assert "opt" not in t  # no (N, N, A) table: optimal_rate() checks one action a pair
 
 
 def test_policy_table_in_chunks_equals_one_pass():
@@ -947,7 +1045,7 @@ def test_slip_in_data_and_seeded_rollouts():
     intended = torch.as_tensor(np.array(env.transitions()))[slipped["s"], slipped["a"]]
     assert 0.15 < (intended != slipped["s2"]).float().mean() < 0.35
     t = truth(env)
-    table = t["opt"].float().argmax(-1)  # an optimal policy table
+    table = opt_table(env).float().argmax(-1)  # an optimal policy table
     exact, _ = metricrl.rollout(table, t["nxt"], 1000)
     assert exact[t["d"] > 0].all()
     a, steps_a = metricrl.rollout(table, t["nxt"], 1000, slip=0.3, seed=1)
@@ -971,12 +1069,17 @@ def test_spearman_and_monotonicity_by_hand():
     assert metricrl.spearman(x, -y) == pytest.approx(-(0.9 ** 0.5))
 
 
-def test_optimal_rate_by_hand():
-    opt = torch.zeros(2, 2, 4, dtype=torch.bool)
-    opt[0, 1, 1] = opt[1, 0, 3] = True
-    pairs = torch.tensor([[False, True], [True, False]])
-    assert metricrl.optimal_rate(torch.tensor([[0, 1], [3, 0]]), opt, pairs) == 1.0
-    assert metricrl.optimal_rate(torch.tensor([[0, 2], [3, 0]]), opt, pairs) == 0.5
+@pytest.mark.parametrize("layout", ["oneway", "hypermaze3s5"])
+def test_optimal_rate_agrees_with_the_whole_table_of_optimal_actions(layout):
+    """One action a pair, d(next(s, a), g) = d(s, g) - 1, against the (N, N, A) table."""
+    env = GridWorld(layout)
+    t, opt = truth(env), opt_table(env)
+    torch.manual_seed(0)
+    tables = [torch.randint(len(env.moves), opt.shape[:2]), opt.float().argmax(-1)]
+    for table, mask in zip(tables, [t["d"] > 0, t["d"] > 1]):
+        expected = opt.gather(2, table[..., None])[..., 0][mask].double().mean().item()
+        assert metricrl.optimal_rate(table, t, mask) == expected
+    assert metricrl.optimal_rate(tables[1], t, t["d"] > 0) == 1.0
 
 
 def test_metrics_of_optimal_random_and_looping_policies_and_distance_errors():
@@ -984,20 +1087,21 @@ def test_metrics_of_optimal_random_and_looping_policies_and_distance_errors():
     t = truth(env)
     x = metricrl.build(env, Args(), "cpu")[0]
     d = t["d"].float()
-    optimal = metricrl.evaluate(d, TableActor(t["opt"].float()), x, t)  # and BFS's distances
+    opt = opt_table(env).float()
+    optimal = metricrl.evaluate(d, TableActor(opt), x, t)  # and BFS's distances
     assert optimal["success_rate"] == 1.0 and optimal["path_ratio"] == 1.0
     assert optimal["optimal_action_rate"] == 1.0 and optimal["critic_success_rate"] == 1.0
     assert optimal["distance_error"] == 0 and optimal["distance_error_max"] == 0
     off = d + 0.25 * (d > 0)  # every pair a quarter step too far: the same greedy policy
     off[0, 1] += 2  # one pair far off
-    off = metricrl.evaluate(off, TableActor(t["opt"].float()), x, t)
+    off = metricrl.evaluate(off, TableActor(opt), x, t)
     n = (d > 0).sum().item()
     assert off["distance_error"] == pytest.approx(0.25 + 2 / n) and off["distance_error_max"] == 2.25
     torch.manual_seed(0)
-    random = metricrl.evaluate(-d, TableActor(torch.randn(t["opt"].shape)), x, t)
+    random = metricrl.evaluate(-d, TableActor(torch.randn(opt.shape)), x, t)
     assert random["success_rate"] < 0.5 and random["optimal_action_rate"] < 0.7
     assert random["critic_success_rate"] < 0.1 and random["value_greedy_rate"] < 0.05
-    up = torch.zeros(t["opt"].shape)
+    up = torch.zeros(opt.shape)
     up[..., 0] = 1  # always up: stuck at the top wall, never reaches a goal below
     looping = metricrl.evaluate(None, TableActor(up), x, t)
     assert looping["success_rate"] < 0.5 and np.isnan(looping["critic_success_rate"])
@@ -1010,7 +1114,7 @@ def test_seen_and_unseen_metrics_count_exactly_their_pairs():
     held = env.held_out(0.1, 0)
     d = t["d"].numpy()
     assert (t["unseen"].numpy() == held[:, None] | held[None, :]).all()
-    policy = t["opt"].float().clone()
+    policy = opt_table(env).float()
     policy[:, held] = torch.tensor([1.0, 0, 0, 0])  # (N, N_held, 4): up
     dz = t["d"].float().clone()
     dz[:, held] = 0
@@ -1138,11 +1242,15 @@ def test_readme_exercises_run_as_written(tmp_path, monkeypatch):
     (["--algo", "sac"], "argument --algo: invalid choice: 'sac'"),
     (["--compare"], "unrecognized arguments: --compare"),  # a sweep: experiments.py
     (["--slip", "2"], "--slip must be in [0, 1], got 2.0"),
-    (["--algo", "td", "--metric", "quasimetric"], "--metric and --critic are MetricRL's"),
+    (["--algo", "td", "--metric", "quasimetric"], "--metric, --critic are MetricRL's"),
     (["--algo", "gcbc", "--critic", "bfs"], "--critic are MetricRL's: use --algo metricrl"),
     (["--critic", "exact", "--metric", "quasimetric"], "--critic exact has its own geometry"),
     (["--critic", "exact", "--lam", "2"], "drop --metric, --latent, --lam"),
-    (["--algo", "td", "--gamma", "1"], "td (--algo td, or in --algos) needs --gamma below 1"),
+    (["--algo", "td", "--gamma", "1"], "td needs --gamma below 1"),
+    (["--env", "hypermaze3s5", "--features", "image"], "an image shows 2-D maps"),
+    (["--env", "hypermaze1"], "--env: hypermaze1: a hypermaze needs d >= 2"),
+    (["--env", "hypermaze3s30"], "GB of memory; this cpu has"),  # 27,000 cells: refused first
+    (["--algo", "gcbc", "--actions", "all"], "gcbc has none"),
     (["--steps", "many"], "invalid int value"),
     (["--seed", "-1"], "--seed must be 0 or more"),
     (["--lr", "nan"], "--lr must be positive"),
@@ -1386,7 +1494,7 @@ def test_assumptions_writes_every_row_and_resumes(tmp_path, capsys, monkeypatch)
     (["--assumptions", "--critic", "exact"], "--critic: --assumptions sets it in each row"),
     (["--assumptions", "--env", "rooms"], "--env: --assumptions sets it in each row"),
     (["--compare", "--envs", "maze,castle"], "unknown layout 'castle'"),
-    (["--compare", "--algos", "td", "--gamma", "1"], "td (--algo td, or in --algos) needs --gamma"),
+    (["--compare", "--algos", "td", "--gamma", "1"], "td needs --gamma"),
     (["--compare", "--assumptions"], "--compare and --assumptions are two modes"),
     (["--steps", "5"], "give --compare, --assumptions or --observations"),
     (["--compare", "--seeds", "0"], "--seeds must be positive, got 0"),

@@ -1,19 +1,19 @@
-"""The README's sweeps of metricrl.py runs (--compare, --assumptions, --observations), and
-Agent, a finished run's policy from its model.pt.
+"""The README's sweeps of metricrl.py runs, and Agent, a finished run's policy (model.pt).
 
 --compare runs methods x data qualities x maps; --assumptions, runs where one of MetricRL's
 assumptions breaks, and its fixes; --observations, each map from one-hot cells, coordinates
-and images, with cells held out of the data, and with moves one way only.
+and images, with cells held out of the data, and with moves one way only; --scaling, the
+hypermazes of d = 2, 3, 4 (--envs: others) with metricrl, td and gcbc.
 
     python experiments.py --compare --env maze     # 60 runs: compare.md and compare.png
     python experiments.py --assumptions            # 30 runs: assumptions.md and .png
     python experiments.py --observations           # 66 runs: observations.md and .png
+    python experiments.py --scaling --seeds 1      # 9 runs: scaling.md and .png
     python experiments.py --help                   # a run's knobs and the sweeps' own
 
 Each row runs --seeds times (from --seed on), each run into its own folder; a sweep started
-again reads the runs it finished back and runs the rest. The knobs a sweep does not set in a
-row are passed to every run (--steps 400, say), and name the sweep's folder. This file
-imports metricrl; metricrl never imports it."""
+again reads its finished runs back and runs the rest. The knobs a sweep does not set in a row
+go to every run (--steps 400, say) and name its folder. metricrl never imports this file."""
 import contextlib
 import dataclasses
 import json
@@ -38,6 +38,7 @@ class SweepArgs(Args):  # a run's knobs, and the sweeps' own: each comment is it
     envs: str = ""  # --compare: maps (default: --env)
     assumptions: bool = False  # runs where each assumption breaks: assumptions.md, .png
     observations: bool = False  # features x maps, held-out cells, one-way data: observations.md
+    scaling: bool = False  # hypermazes (--envs, or d = 2 to 4) x metricrl, td, gcbc: scaling.md
     seeds: int = 3  # seeds per row, from --seed on
 
 
@@ -50,9 +51,8 @@ class Sweep:
 
 
 SWEEPS = {
-    "compare": Sweep(("env", "method", "ε"),
-                     ("success_rate", "path_ratio", "optimal_action_rate",
-                      "critic_success_rate", "distance_error", "seconds"),
+    "compare": Sweep(("env", "method", "ε"), ("success_rate", "path_ratio", "optimal_action_rate",
+                                              "critic_success_rate", "distance_error", "seconds"),
                      ("env", "algo", "weighting", "critic", "epsilon")),
     "assumptions": Sweep(("experiment", "map", "variant"),
                          ("success_rate", "path_ratio", "optimal_action_rate",
@@ -60,10 +60,11 @@ SWEEPS = {
                          ("env", "algo", "weighting", "critic", "metric", "slip", "data",
                           "super_state")),
     "observations": Sweep(("experiment", "map", "features"),
-                          ("success_rate", "critic_success_rate", "success_seen",
-                           "success_unseen", "critic_success_seen", "critic_success_unseen",
-                           "seconds"),
+                          ("success_rate", "critic_success_rate", "success_seen", "success_unseen",
+                           "critic_success_seen", "critic_success_unseen", "seconds"),
                           ("env", "features", "holdout", "data", "episodes")),
+    "scaling": Sweep(("map", "method"), ("success_rate", "critic_success_rate",
+                     "optimal_action_rate", "cells", "actions", "seconds"), ("env", "algo")),
 }
 VARIANTS = {  # --algos: a method's name in --compare, and the knobs that make it
     "metricrl": {}, "metricrl-linear": {"weighting": "linear"},
@@ -104,6 +105,15 @@ def observation_rows():
                      {"features": features, "data": "one-direction"}))
         rows.append((("all, as many", "maze", features), {"features": features, "episodes": 149}))
     return rows
+
+
+def scaling_rows(args):
+    """--scaling's rows: each map of --envs (default: hypermaze2s5 to 4s5) x metricrl, td, gcbc."""
+    envs = listed(args.envs) or [f"hypermaze{d}s5" for d in (2, 3, 4)]
+    for env in envs:  # a bad map fails now, not in an hour
+        metricrl.setup(dataclasses.replace(args, env=env))
+    return [((env, algo), {"env": env, "algo": algo}) for env in envs
+            for algo in ("metricrl", "td", "gcbc")]
 
 
 def listed(text):
@@ -147,7 +157,7 @@ def check_sweep(args, given):
     if len(modes) > 1:
         raise UsageError(f"--{modes[0]} and --{modes[1]} are two modes: use one")
     if not modes:
-        raise UsageError("give --compare, --assumptions or --observations (one run: "
+        raise UsageError("give --compare, --assumptions, --observations or --scaling (one run: "
                          "python metricrl.py)")
     mode = modes[0]
     per_row = set(SWEEPS[mode].knobs)
@@ -183,6 +193,8 @@ def sweep(args, name):
         folder += dict.fromkeys(label[0] for label, _ in rows)  # the maps
     elif name == "assumptions":
         rows = assumption_rows()
+    elif name == "scaling":
+        rows = scaling_rows(args)
     else:
         rows = observation_rows()
     root = args.out or os.path.join("runs", "-".join(folder) + given_knobs(base))
@@ -249,8 +261,8 @@ def table_cell(column, runs, seeds):
     mean, std = mean_std(runs, column)
     if math.isnan(mean):
         return "—"
-    if column == "seconds":
-        return f"{mean:.1f}"
+    if column in ("seconds", "cells", "actions"):  # the mean alone
+        return f"{mean:.1f}".removesuffix(".0")
     if seeds > 1:
         return f"{mean:.3f} ± {std:.3f}"
     return f"{mean:.3f}"
@@ -324,7 +336,7 @@ def replace_unknown_characters():
 
 
 def main(argv=None):
-    """The command line: python experiments.py --compare|--assumptions|--observations."""
+    """The command line: python experiments.py --compare|--assumptions|--observations|--scaling."""
     replace_unknown_characters()
     try:
         args, given = metricrl.parse_args(argv, SweepArgs, "experiments.py", __doc__)

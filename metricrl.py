@@ -58,7 +58,7 @@ class Args:  # each knob's comment is its --help text
     beta: float = 6.0  # inverse temperature of the exp weights
     w_max: float = 1000.0  # clip of the exp weights: at beta 6, it binds for A > 1.15 steps
     goals: Literal["auto", "uniform", "random", "hindsight"] = "auto"  # auto: hindsight for gcbc
-    actions: Literal["auto", "one", "all"] = "auto"  # per (s, g): one drawn, all at s (auto: A > 4)
+    actions: Literal["auto", "one", "all"] = "auto"  # pi's per (s, g): one, or all at s (README)
     expectile: float = 0.7  # td: expectile of the TD target
     steps: int = 2600  # gradient steps in all
     critic_only: float = 0.2  # share of the steps that train the critic alone (not gcbc, bfs)
@@ -468,10 +468,10 @@ def train(data, x, critic, actor, args, truth=None):
     if goals == "auto":
         goals = "hindsight" if args.algo == "gcbc" else "uniform"
     data = {**data, **balance(data)}
-    actions = args.actions  # auto: all for metricrl with more than 4 actions (a hypermaze)
+    actions = args.actions  # auto: all for metricrl beyond 4 actions, bar exact's N^3 table
     if actions == "auto":
-        many = data["moves"].shape[1] > 4
-        actions = "all" if args.algo == "metricrl" and many else "one"
+        cheap = args.algo == "metricrl" and args.critic != "exact"
+        actions = "all" if cheap and data["moves"].shape[1] > 4 else "one"
     batch = args.actor_batch or actor_budget(len(x))
     args = dataclasses.replace(args, actor_batch=batch, actions=actions)
     critic_data = data
@@ -672,8 +672,8 @@ def run(args):
         speed = float(np.median([row["steps_per_s"] for row in history]))
         metrics.update(env=args.env, algo=args.algo, run=run_name(args), seed=args.seed,
                        device=str(device), steps=args.steps, train_steps_per_s=speed)
-        metrics.update(seconds=round(time.time() - start, 2), dataset=coverage,
-                       flags=dataclasses.asdict(args))
+        metrics.update(seconds=round(time.time() - start, 2), dataset=coverage, cells=len(x),
+                       actions=len(env.moves), flags=dataclasses.asdict(args))
         with open(os.path.join(tmp, "metrics.json"), "w", encoding="utf-8") as f:
             json.dump(metrics, f, indent=2)
     if not args.quiet:  # where the files are, and the metrics
@@ -812,7 +812,7 @@ def plot_run(path, env, args, x, critic, actor, data, truth, history, metrics):
         title += f", monotonicity {metrics['monotonicity']:.3f}"
     title += f". Top row: one far goal g = {tuple(env.cells[goal].tolist())}"
     if env.grid.ndim > 2:
-        title += f", on the slice through g: x_0 down, x_1 across, x_2.. as g's"
+        title += ", the slice through it (x_0 down, x_1 across; arrows: moves' x_0, x_1 steps)"
     fig.suptitle(title, size=13)
     fig.subplots_adjust(left=0.035, right=0.965, bottom=0.07, top=0.9, wspace=0.32, hspace=0.24)
     fig.savefig(path, dpi=70)
@@ -827,7 +827,7 @@ def plot_policy(fig, ax, env, args, actor, x, truth, goal, to_goal):
     if args.slip > 0:
         title += ", without slips"
     if env.grid.ndim > 2:
-        title += "\n(arrows: a move's x_0, x_1 steps; ○: it leaves the slice)"
+        title += "; ○: leaves the slice"
     show_map(fig, ax, env, to_goal, title, "Blues_r", "true distance to g", goal)
     shown = in_slice(env, goal)
     move = env.moves[table[shown, goal].cpu().numpy()]  # (N_shown, D) each cell's step

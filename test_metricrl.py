@@ -1219,7 +1219,7 @@ def test_readme_exercises_run_as_written(tmp_path, monkeypatch):
     section = text.split("## Exercises")[1].split("\n## ")[0]
     commands = [line.strip() for line in section.splitlines()
                 if line.strip().startswith("python metricrl.py ")]
-    assert 6 <= len(re.findall(r"^\d+\. \*\*", section, re.M)) <= 10 and len(commands) >= 8
+    assert 6 <= len(re.findall(r"^\d+\. \*\*", section, re.M)) <= 12 and len(commands) >= 8
     for i, command in enumerate(commands):
         argv = shlex.split(command)[2:]
         metrics = metricrl.main([*argv, "--steps", "30", "--eval-every", "30", "--quiet",
@@ -1496,7 +1496,7 @@ def test_assumptions_writes_every_row_and_resumes(tmp_path, capsys, monkeypatch)
     (["--compare", "--envs", "maze,castle"], "unknown layout 'castle'"),
     (["--compare", "--algos", "td", "--gamma", "1"], "td needs --gamma"),
     (["--compare", "--assumptions"], "--compare and --assumptions are two modes"),
-    (["--steps", "5"], "give --compare, --assumptions or --observations"),
+    (["--steps", "5"], "give --compare, --assumptions, --observations or --scaling"),
     (["--compare", "--seeds", "0"], "--seeds must be positive, got 0"),
     (["--compare", "--steps", "0"], "--steps must be positive"),
 ])

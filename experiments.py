@@ -35,7 +35,7 @@ class SweepArgs(Args):  # a run's knobs, and the sweeps' own: each comment is it
     compare: bool = False  # run methods x data qualities, write compare.md and compare.png
     algos: str = "metricrl,metricrl-linear,gcbc,td"  # methods; also metricrl-exact, metricrl-bfs
     epsilons: str = "0,0.25,0.5,0.75,1"  # --compare: behaviour epsilons
-    envs: str = ""  # --compare: maps (default: --env)
+    envs: str = ""  # maps: --compare's (default: --env), --scaling's (default: d = 2 to 4)
     assumptions: bool = False  # runs where each assumption breaks: assumptions.md, .png
     observations: bool = False  # features x maps, held-out cells, one-way data: observations.md
     scaling: bool = False  # hypermazes (--envs, or d = 2 to 4) x metricrl, td, gcbc: scaling.md
@@ -307,8 +307,8 @@ def sweep_plot(path, name, labels, results):
 
 
 class Agent:
-    """A run's trained policy, from its model.pt: Agent(path).act(states, goals), (row, col)s
-    (B, 2) -> actions (B,); .env, .args, .history, .x, .critic, .actor for analyses."""
+    """A run's trained policy, from its model.pt: Agent(path).act(states, goals), coordinates
+    (B, D) -> actions (B,); .env, .args, .history, .x, .critic, .actor for analyses."""
     def __init__(self, path, device="cpu"):
         ckpt = dict(torch.load(path, map_location=device, weights_only=True))
         knobs = {k: v for k, v in ckpt["args"].items() if k in Args.__annotations__}

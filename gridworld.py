@@ -207,7 +207,7 @@ def hypermaze(spec):
     and every other x_i in [0.2 n, n) (int() as theirs). (3n)^d, the moves' table, < 2^24."""
     d, _, n = spec[9:].partition("s")
     d, n = int(d), int(n or 10)
-    if d < 2 or n < 5 or (3 * n) ** d > 2**24:
+    if d < 2 or d > 24 or n < 5 or (3 * n) ** d > 2**24:  # d first: no huge power
         raise ValueError(f"{spec}: a hypermaze needs d >= 2 dimensions, n >= 5 cells a side and "
                          "(3n)^d < 2^24, e.g. hypermaze4 or hypermaze5s5")
     grid = np.full((n,) * d, FREE)
@@ -302,7 +302,7 @@ class GridWorld(gymnasium.Env):
         one_way             shape  bool  the one-way cells
         transitions()       (N, A) int   next cell index for each cell and action
         distance_matrix()   (N, N) int32 fewest actions from i to j, -1 if unreachable
-        optimal_actions()   (N, N, A) bool  actions from i on a shortest path to j
+        optimal_actions()   (N, N, A) bool  actions from i on a shortest path to j; (s, g): (B, A)
     """
 
     metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}

@@ -6,7 +6,7 @@
 Read it beside the paper. Sections 1-7, the method in the paper's order: data, critic, value
 and advantage, actor, baselines, training, exact evaluation; 8-10: one run, its figure, the
 command line. A layer for phi: build_critic(); a map: gridworld.LAYOUTS, or a file for --env.
-Shapes: N free cells, M transitions, B batch, F features per cell, k latent size."""
+Shapes: N cells, A actions, M transitions, B batch, F features per cell, k latent size."""
 import argparse
 import contextlib
 import copy
@@ -33,15 +33,15 @@ import gridworld
 
 @dataclasses.dataclass
 class Args:  # each knob's comment is its --help text
-    env: str = "maze"  # open, rooms, maze, loops, oneway, maze<N> (odd N >= 7), or a map file
+    env: str = "maze"  # open, rooms, maze, loops, oneway, maze<N>, hypermaze<d>[s<n>], a file
     algo: Literal["metricrl", "gcbc", "td"] = "metricrl"  # or a baseline: gcbc, td
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     seed: int = 0  # seeds the data and the networks (the evaluation is exact)
     episodes: int = 0  # offline trajectories; 0: 200 per 512 moves (cell, action) of the map
     episode_len: int = 100  # steps per trajectory
     epsilon: float = 1.0  # behaviour: random action with this probability, else an optimal one
-    features: Literal["onehot", "xy", "image"] = "onehot"  # a cell: one-hot, (row, col), or RGB
-    fourier: int = 4  # --features xy: L, sin and cos of (row, col) at L frequencies; 0: none
+    features: Literal["onehot", "xy", "image"] = "onehot"  # a cell: one-hot, coordinates, or RGB
+    fourier: int = 4  # --features xy: L, sin and cos of the coordinates at L frequencies; 0: none
     tile: int = 2  # --features image: pixels a cell side (the paper's: 8, a GPU's work)
     channels: int = 16  # --features image: channels of each convolution (the paper's: 64)
     holdout: float = 0.0  # share of the cells that the data never visits (seeded; rest connected)
@@ -70,9 +70,9 @@ class Args:  # each knob's comment is its --help text
 
 
 # ============================================================================ 1. data
-def default_episodes(n, actions):
-    """--episodes 0: 200 trajectories per 512 moves (s, a), ~39 of each (2-D: per 128 cells)."""
-    return 200 * math.ceil(n * actions / 512)
+def default_episodes(n, actions, length):
+    """--episodes 0: 200 trajectories per 512 moves (2-D: 128 cells), up to 2^24 transitions."""
+    return min(200 * math.ceil(n * actions / 512), 2**24 // length)  # multinomial's limit
 
 
 def collect_dataset(env, args, rng):
@@ -81,7 +81,7 @@ def collect_dataset(env, args, rng):
     in time order: transition (e, t) is row t * E + e."""
     nxt = env.transitions()  # (N, A) the next cell of each cell and action
     n, actions = nxt.shape
-    e = args.episodes or default_episodes(n, actions)
+    e = args.episodes or default_episodes(n, actions, args.episode_len)
     right_half = 2 * env.cells[:, 1] >= env.width  # (N,), for --data split
     held = env.held_out(args.holdout, args.seed)  # (N,) bool: cells the data never visits
     kept = np.flatnonzero(~held)  # (N_kept,)
@@ -187,7 +187,7 @@ def build_critic(env, args, x):
 
 def build(env, args, device):
     """The observations x (N, ...), the critic (or None) and the actor, on the device. --hidden
-    0: 128 units, 256 past 4 actions (a hypermaze's 3^d logits: 128 held pi back, README)."""
+    0: 128 units, phi's and pi's, 256 past 4 actions (3^d logits: 128 held pi back, README)."""
     wide = len(env.moves) > 4
     args = dataclasses.replace(args, hidden=args.hidden or (256 if wide else 128))
     x = cell_features(env, args)
@@ -761,7 +761,7 @@ def show_map(fig, ax, env, values, title, cmap, label, goal, **kw):
 
 
 def in_slice(env, goal):
-    """(N,) bool: the cells of the 2-D slice through g, x_0 and x_1 free (a 2-D map: all)."""
+    """(N,) bool: the cells of the 2-D slice through g: x_0, x_1 any, the rest g's (2-D: all)."""
     return (env.cells[:, 2:] == env.cells[goal, 2:]).all(1)
 
 
@@ -821,9 +821,9 @@ def plot_run(path, env, args, x, critic, actor, data, truth, history, metrics):
 def plot_policy(fig, ax, env, args, actor, x, truth, goal, to_goal):
     """The greedy policy's move in every cell towards the goal; red x: its rollout fails."""
     table = pair_table(actor, x, greedy=True)  # (N, N)
-    reached, _ = rollout(table, truth["nxt"], len(x))
+    reached, _ = rollout(table, truth["nxt"], LIMIT)  # as evaluate()
     fails = ~reached[:, goal].cpu().numpy() & (to_goal > 0)  # (N,)
-    title = f"Greedy π(·|s, g): {fails.sum()} of {(to_goal > 0).sum()} cells fail (×)"
+    title = f"Greedy π(·|s, g): {fails.sum()} of all {(to_goal > 0).sum()} cells fail (×)"
     if args.slip > 0:
         title += ", without slips"
     if env.grid.ndim > 2:
@@ -837,8 +837,7 @@ def plot_policy(fig, ax, env, args, actor, x, truth, goal, to_goal):
               width=0.006 * small, color="k")
     leaves = (move[:, 2:] != 0).any(1)  # a hypermaze's move off the slice
     ax.plot(cols[leaves], rows[leaves], "o", mfc="none", mec="k", ms=7 * small)
-    failed = fails[shown]
-    ax.plot(cols[failed], rows[failed], "x", color="red", ms=9 * small, mew=2 * small)
+    ax.plot(cols[fails[shown]], rows[fails[shown]], "x", color="red", ms=9 * small, mew=2 * small)
 
 
 def plot_learning(fig, axes, env, args, d, dz, critic, x, goal, to_goal, history, kind):
@@ -964,6 +963,7 @@ def check_numbers(args):
     for name in ("seed", "episodes", "actor_batch", "lam", "beta", "fourier", "hidden"):
         require(args, name, getattr(args, name) >= 0, "0 or more")
     require(args, "fourier", args.fourier <= 16, "16 or less (float32 resolves no more)")
+    require(args, "episodes", args.episodes * args.episode_len <= 2**24, "at most 2^24 / T")
     require(args, "latent", args.latent >= 2, "2 or more (the figure projects phi on 2 axes)")
     for name in ("epsilon", "slip"):
         require(args, name, 0 <= getattr(args, name) <= 1, "in [0, 1]")
@@ -1014,10 +1014,10 @@ def pick_device(name):
 def memory_needed(env, args):
     """Bytes a run needs, roughly: (N, N) tables, data, networks, batches, CNN feature maps."""
     n, actions = env.transitions().shape
-    episodes = args.episodes or default_episodes(n, actions)
+    episodes = args.episodes or default_episodes(n, actions, args.episode_len)
     batch = args.actor_batch or actor_budget(n)
     need = 250 * n * n + 100 * args.episode_len * episodes  # the tables, the data
-    hidden = args.hidden or 256  # and the actor's logits and weights, (B, A) each
+    hidden = args.hidden or 256  # the widest rule; and the actor's (B, A) logits, weights
     need += 16 * (5 * n * hidden + 3 * hidden ** 2) + 32 * batch * (hidden + actions)
     if args.features == "image":  # and the convolutions' weights, gradients, Adam's moments
         pixels = env.height * env.width * args.tile ** 2
@@ -1042,11 +1042,11 @@ def setup(args):
         instead = "a smaller map" + " or --device cuda" * (device.type == "cpu")
         raise UsageError(f"--env {args.env} with these flags needs about {need:.1f} GB of memory; "
                          f"this {device.type} has {have:.1f} GB: use {instead}")
-    if not (env.distance_matrix() > 0).any():
-        raise UsageError(f"--env {args.env}: no free cell can reach another one")
     if args.features == "image" and env.grid.ndim > 2:
         raise UsageError(f"--features image: an image shows 2-D maps; {args.env} is "
                          f"{env.grid.ndim}-D: use --features xy or onehot")
+    if not (env.distance_matrix() > 0).any():
+        raise UsageError(f"--env {args.env}: no free cell can reach another one")
     side = min(env.height, env.width) * args.tile  # the CNN's 4 layers need 17 pixels
     if args.features == "image" and side < 17:
         raise UsageError(f"--tile {args.tile}: --env {args.env}'s image is {side} pixels "

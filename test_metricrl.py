@@ -514,8 +514,10 @@ def test_data_size_rule_grows_with_the_map():
         return len(data["s"]) // 2
     assert [episodes(name) for name in ("maze", "maze25", "maze51")] == [200, 600, 2000]
     assert episodes("maze51", episodes=7) == 7
-    assert metricrl.default_episodes(128, 4) == 200 and metricrl.default_episodes(129, 4) == 400
-    assert metricrl.default_episodes(497, 81) == 200 * 79  # per 512 moves: as many of each
+    rule = metricrl.default_episodes
+    assert rule(128, 4, 100) == 200 and rule(129, 4, 100) == 400
+    assert rule(497, 81, 100) == 200 * 79  # per 512 moves: as many of each
+    assert rule(7952, 81, 100) * 100 <= 2**24 < rule(7952, 81, 100) * 100 + 100  # multinomial's
 
 
 def test_cell_features_one_hot_and_scaled_coordinates():
@@ -1249,6 +1251,8 @@ def test_readme_exercises_run_as_written(tmp_path, monkeypatch):
     (["--algo", "td", "--gamma", "1"], "td needs --gamma below 1"),
     (["--env", "hypermaze3s5", "--features", "image"], "an image shows 2-D maps"),
     (["--env", "hypermaze1"], "--env: hypermaze1: a hypermaze needs d >= 2"),
+    (["--env", "hypermaze999999999"], "a hypermaze needs d >= 2"),  # refused at once
+    (["--episodes", "200000"], "--episodes must be at most 2^24 / T"),
     (["--env", "hypermaze3s30"], "GB of memory; this cpu has"),  # 27,000 cells: refused first
     (["--algo", "gcbc", "--actions", "all"], "gcbc has none"),
     (["--steps", "many"], "invalid int value"),
@@ -1262,7 +1266,6 @@ def test_readme_exercises_run_as_written(tmp_path, monkeypatch):
     (["--device", ""], "--device : here auto, cpu"),
     (["--seed", "99999999999999999999"], "--seed must be below 2^31"),
     (["--beta", "inf"], "--beta must be finite"),
-    (["--episodes", "2000000000"], "GB of memory; this cpu has"),  # sizes beyond the machine
     (["--hidden", "100000"], "GB of memory; this cpu has"),
     (["--env", "maze1001"], "GB of memory; this cpu has"),
     (["--features", "image", "--tile", "60"], "GB of memory; this cpu has"),

@@ -430,11 +430,11 @@ def actor_step(critic, actor, x, z, data, goals, args):
     if args.actions == "one":
         return actor_loss(logits, a, actor_weights(critic, x, z, s, s2, g, args))
     dz = critic_distances(critic, x, args)  # (N, N), no gradient
-    s2 = data["moves"][s]  # (B, A_d) the next cells, -1: a move the data lacks
-    taken = (s2 >= 0).float()
-    d2 = dz[s2.clamp(min=0), g[:, None]]  # (B, A_d) d(s', g)
+    nexts = data["moves"][s]  # (B, A_d) each action's next cell, -1: a move the data lacks
+    taken = (nexts >= 0).float()
+    d2 = dz[nexts.clamp(min=0), g[:, None]]  # (B, A_d) d(s', g)
     w = advantage_weights(dz[s, g][:, None], d2, args) * taken  # (B, A_d)
-    return actor_loss(logits, None, w / taken.sum(1, keepdim=True))
+    return actor_loss(logits, None, w / taken.sum(1, keepdim=True))  # / k(s): a uniform a at s
 
 
 def actor_budget(n):

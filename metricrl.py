@@ -471,7 +471,7 @@ def train(data, x, critic, actor, args, truth=None):
     actions = args.actions  # auto: all for metricrl beyond 4 actions, bar exact's N^3 table
     if actions == "auto":
         cheap = args.algo == "metricrl" and args.critic != "exact"
-        actions = "all" if cheap and data["moves"].shape[1] > 4 else "one"
+        actions = "all" if cheap and actor.body[-1].out_features > 4 else "one"  # A logits
     batch = args.actor_batch or actor_budget(len(x))
     args = dataclasses.replace(args, actor_batch=batch, actions=actions)
     critic_data = data

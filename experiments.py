@@ -270,7 +270,7 @@ def table_cell(column, runs, seeds):
 
 def sweep_table(args, sweep_kind, results, device):
     """The Markdown table: a line saying how it was made, then a row per label."""
-    made = f"Steps {args.steps}, {args.seeds} seed(s)"
+    made = f"Steps {args.steps or 'by the map'}, {args.seeds} seed(s)"
     if args.seeds > 1:
         made += ", mean ± std"
     made += f"; {os.cpu_count()} CPU cores, torch {torch.__version__}, device {device}."

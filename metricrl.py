@@ -2,7 +2,6 @@
 
     python metricrl.py --env maze [--device cuda]   # one run; --help lists every knob
     python experiments.py --compare --env maze      # the README's sweeps
-
 Read it beside the paper. Sections 1-7, the method in the paper's order: data, critic, value
 and advantage, actor, baselines, training, exact evaluation; 8-10: one run, its figure, the
 command line. A layer for phi: build_critic(); a map: gridworld.LAYOUTS, or a file for --env.
@@ -60,11 +59,11 @@ class Args:  # each knob's comment is its --help text
     goals: Literal["auto", "uniform", "random", "hindsight"] = "auto"  # auto: hindsight for gcbc
     actions: Literal["auto", "one", "all"] = "auto"  # pi's per (s, g): one, or all at s (README)
     expectile: float = 0.7  # td: expectile of the TD target
-    steps: int = 2600  # gradient steps in all
+    steps: int = 0  # gradient steps in all; 0: 2,600 (--critic exact: 16 per cell, at least that)
     critic_only: float = 0.2  # share of the steps that train the critic alone (not gcbc, bfs)
-    actor_batch: int = 0  # (transition, goal) samples per actor step; 0: max(1024, N^2 / 32)
+    actor_batch: int = 0  # (transition, goal) samples per actor step; 0: max(1,024, N^2 / 32)
     lr: float = 3e-3  # Adam learning rate; the actor's falls to 0 (learning_rates())
-    eval_every: int = 500  # exact evaluation every this many steps
+    eval_every: int = 0  # exact evaluation every this many steps; 0: 500, past 2,600 steps more
     out: str = ""  # output folder (default: runs/<map>-<algo>-<knobs changed>-s<seed>)
     quiet: bool = False  # print nothing (the files are written all the same)
 
@@ -243,13 +242,13 @@ def pair_counts(data, n):
     return moves, pairs
 
 
-def exact_loss(z, moves, pairs, mu):
+def exact_loss(z, edges, moves, pairs, mu):
     """--critic exact (beyond the paper): z (N, k = N), z_c per cell c, d_phi = max-relu (below):
       loss = -mean_(s, g) min(z_g(s) - z_g(g), N)
              + mu * mean_(u -> v, c) relu(z_c(u) - z_c(v) - 1)^2
     Why d(s, g): summed along a path of the data's moves, z_c(u) <= z_c(v) + 1 gives z_c(s) -
     z_c(g) <= d(s, g); the push raises z_g(s) - z_g(g) to it (cap N: unreachable). No BFS."""
-    u, v = moves.nonzero().T  # (K,) each: the data's K distinct moves u -> v
+    u, v = edges  # (K,) each: the data's K distinct moves u -> v (train() finds them once)
     rise = z - z.diagonal()  # (N, N): [s, g] = z_g(s) - z_g(g), row s less the diagonal
     raised = weighted_mean(rise.clamp(max=len(z)), moves + pairs)  # over the data's pairs
     slack = z[u] - z[v] - 1  # (K, N) z_c(u) - z_c(v) - 1
@@ -395,11 +394,11 @@ def critic_step(critic, x, data, counts, args, memory):
         loss = td_loss(critic, memory["target"], x, s, s2, g, args)
         return loss, {"td_loss": loss}, None
     z = embed(critic, x, args)  # (N, k): phi of every cell, a batch gathers rows (departure)
-    moves, pairs = counts
+    moves, pairs, edges = counts
     if args.critic != "exact":  # the whole dataset, per pair of cells (departure)
         loss, info = metric_loss(pairwise(z, z, args.metric), moves, pairs, args)
         return loss, info, z
-    loss, info = exact_loss(z, moves, pairs, memory["mu"])
+    loss, info = exact_loss(z, edges, moves, pairs, memory["mu"])
     rise = EXACT_DUAL_RATE * info["violation"].detach()  # dual ascent: mu grows with it
     memory["mu"] = (memory["mu"] + rise).clamp(max=EXACT_DUAL_MAX)
     return loss, info, z
@@ -437,11 +436,6 @@ def actor_step(critic, actor, x, z, data, goals, args):
     return actor_loss(logits, None, w / taken.sum(1, keepdim=True))  # / k(s): a uniform a at s
 
 
-def actor_budget(n):
-    """The actor's samples per step grow with the N^2 pairs it must learn (departure)."""
-    return max(1024, n * n // 32)
-
-
 def learning_rates(done, args, actor_from):
     """The critic's and the actor's after `done` steps: the critic's --lr (exact's, 0.2 falling
     towards 0); the actor's --lr from its first step, falling linearly towards 0 (departure)."""
@@ -453,6 +447,7 @@ def learning_rates(done, args, actor_from):
 def train(data, x, critic, actor, args, truth=None):
     """Algorithm 1: the critic alone for the first `critic_only` share of the steps, then both
     in one backward pass (gcbc, --critic bfs: the actor only) -> the history of Progress."""
+    args = with_budgets(args, len(x))
     learns_critic = critic is not None and args.critic != "bfs"
     actor_from = int(args.critic_only * args.steps) if learns_critic else 0
     critic_group = {"params": critic.parameters() if critic is not None else []}
@@ -472,12 +467,12 @@ def train(data, x, critic, actor, args, truth=None):
     if actions == "auto":
         cheap = args.algo == "metricrl" and args.critic != "exact"
         actions = "all" if cheap and actor.body[-1].out_features > 4 else "one"  # A logits
-    batch = args.actor_batch or actor_budget(len(x))
-    args = dataclasses.replace(args, actor_batch=batch, actions=actions)
+    args = dataclasses.replace(args, actions=actions)
     critic_data = data
     if args.super_state:
         critic_data = with_super_state(data, args, len(x))
-    counts = pair_counts(critic_data, len(x) + args.super_state)
+    moves, pairs = pair_counts(critic_data, len(x) + args.super_state)
+    counts = moves, pairs, moves.nonzero().T  # edges once: nonzero() waits for the device
     log = Progress(args, critic, actor, x, truth)
     for step in range(1, args.steps + 1):
         critic_group["lr"], actor_group["lr"] = learning_rates(step - 1, args, actor_from)
@@ -661,21 +656,18 @@ def run(args):
         coverage = data_coverage(data, env)
         x, critic, actor = build(env, args, device)
         if not args.quiet:
-            say(f"{args.env}: {len(x)} cells | data {coverage} | {device} | {args.steps} steps")
+            steps = with_budgets(args, len(x)).steps
+            say(f"{args.env}: {len(x)} cells | data {coverage} | {device} | {steps} steps")
         history = train(data, x, critic, actor, args, truth)
         shown = METRICS + (SEEN_METRICS if args.holdout > 0 else ())
         metrics = {key: history[-1][key] for key in shown}
-        save_checkpoint(os.path.join(tmp, "model.pt"), env, args, critic, actor, history)
-        write_log(os.path.join(tmp, "log.csv"), history)
-        figure = os.path.join(tmp, "metricrl.png")
-        plot_run(figure, env, args, x, critic, actor, data, truth, history, metrics)
+        plot_run(tmp, env, args, x, critic, actor, data, truth, history, metrics)
         speed = float(np.median([row["steps_per_s"] for row in history]))
         metrics.update(env=args.env, algo=args.algo, run=run_name(args), seed=args.seed,
-                       device=str(device), steps=args.steps, train_steps_per_s=speed)
+                       device=str(device), steps=history[-1]["step"], train_steps_per_s=speed)
         metrics.update(seconds=round(time.time() - start, 2), dataset=coverage, cells=len(x),
                        actions=len(env.moves), flags=dataclasses.asdict(args))
-        with open(os.path.join(tmp, "metrics.json"), "w", encoding="utf-8") as f:
-            json.dump(metrics, f, indent=2)
+        write_files(tmp, env, args, critic, actor, history, metrics)
     if not args.quiet:  # where the files are, and the metrics
         say(f"wrote {os.path.join(out, '')} ({', '.join(OUTPUTS)}) in {metrics['seconds']:.1f} s")
         say("\n".join(f"  {key:21s} {metrics[key]:.3f}" for key in shown))
@@ -684,11 +676,10 @@ def run(args):
 
 def data_coverage(data, env):
     """The data's transitions, and the shares of the cells and of the moves it covers."""
-    n, actions = env.transitions().shape
     cells = torch.unique(torch.cat([data["s"], data["s2"]]))
-    moves = torch.unique(actions * data["s"] + data["a"])  # (s, a) as one index
-    return {"transitions": len(data["s"]), "cell_coverage": len(cells) / n,
-            "edge_coverage": len(moves) / (actions * n)}
+    moves = torch.unique(len(env.moves) * data["s"] + data["a"])  # (s, a) as one index
+    return {"transitions": len(data["s"]), "cell_coverage": len(cells) / len(env.cells),
+            "edge_coverage": len(moves) / env.transitions().size}
 
 
 class Progress:
@@ -705,7 +696,7 @@ class Progress:
         scored = step % self.args.eval_every == 0 or step == self.args.steps
         if not scored and time.time() - self.tick <= 30:  # a row at least every 30 s
             return
-        row = {"step": step}
+        row = {"step": step}  # the host waits for the device from here, never inside a step
         for key, total in self.totals.items():
             row[key] = total.item() / self.counts[key]
             if not math.isfinite(row[key]):
@@ -773,8 +764,8 @@ DISTANCE_LABELS = {"metricrl": "learned d_φ(s, g)", "td": "learned log_γ V(s, 
 
 
 @torch.no_grad()
-def plot_run(path, env, args, x, critic, actor, data, truth, history, metrics):
-    """Top, for one far goal g: learned and true V, the greedy policy, the data's visits."""
+def plot_run(folder, env, args, x, critic, actor, data, truth, history, metrics):
+    """metricrl.png. Top, for one far goal g: learned and true V, the greedy policy, the data."""
     d = env.distance_matrix()
     goal = int(np.argmax(d.max(0)))  # the hardest goal: the farthest from some cell
     to_goal = np.where(d[:, goal] >= 0, d[:, goal], np.nan)  # (N,), nan: out of reach
@@ -815,7 +806,7 @@ def plot_run(path, env, args, x, critic, actor, data, truth, history, metrics):
         title += ", the slice through it (x_0 down, x_1 across; arrows: moves' x_0, x_1 steps)"
     fig.suptitle(title, size=13)
     fig.subplots_adjust(left=0.035, right=0.965, bottom=0.07, top=0.9, wspace=0.32, hspace=0.24)
-    fig.savefig(path, dpi=70)
+    fig.savefig(os.path.join(folder, "metricrl.png"), dpi=70)
 
 
 def plot_policy(fig, ax, env, args, actor, x, truth, goal, to_goal):
@@ -846,18 +837,18 @@ def plot_learning(fig, axes, env, args, d, dz, critic, x, goal, to_goal, history
     curves = {a_metrics: ("success_rate", "critic_success_rate", "optimal_action_rate",
                           "monotonicity"),
               a_losses: ("positive", "negative", "td_loss", "push", "violation", "actor_loss")}
+    if args.algo != "gcbc" and args.critic != "bfs":
+        start = args.critic_only * history[-1]["step"]
+        a_metrics.axvline(start, color="0.5", ls=":", label="actor starts")
     for ax, keys in curves.items():
         for key in keys:
             rows = [row for row in history if not math.isnan(row.get(key, math.nan))]
             if rows:
                 ax.plot([row["step"] for row in rows], [row[key] for row in rows], "o-", ms=3,
                         label=key)
-    if args.algo != "gcbc" and args.critic != "bfs":
-        a_metrics.axvline(args.critic_only * args.steps, color="0.5", ls=":", label="actor starts")
+        ax.legend(fontsize=8)
     a_metrics.set(title="Exact metrics during training", xlabel="gradient step", ylim=(0, 1.02))
     a_losses.set(title="Losses (mean since the last point)", xlabel="gradient step")
-    a_metrics.legend(fontsize=8)
-    a_losses.legend(fontsize=8)
     if dz is None:
         show_map(fig, a_dist, env, None, f"{args.algo} has no critic", "", "", goal)
     else:  # the learned distance against the true one: the median and 10-90% of the pairs
@@ -909,19 +900,18 @@ def staged(out, names):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_checkpoint(path, env, args, critic, actor, history):
-    """model.pt, a plain dict: the networks, the flags and the map that made them, the log."""
+def write_files(folder, env, args, critic, actor, history, metrics):
+    """model.pt, a plain dict: the networks, the flags and the map that made them, the log;
+    log.csv, a row per progress line, a column per key that any row has; metrics.json."""
     ckpt = {"actor": actor.state_dict(), "history": history, "args": dataclasses.asdict(args),
             "layout": env.layout, "critic": critic.state_dict() if critic is not None else None}
-    torch.save(ckpt, path)
-
-
-def write_log(path, history):
-    """log.csv: a row per progress line, a column per key that any row has."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    torch.save(ckpt, os.path.join(folder, "model.pt"))
+    with open(os.path.join(folder, "log.csv"), "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, list(dict.fromkeys(key for row in history for key in row)))
         writer.writeheader()
         writer.writerows(history)
+    with open(os.path.join(folder, "metrics.json"), "w", encoding="utf-8") as f:
+        json.dump(metrics, f, indent=2)
 
 
 def parse_args(argv=None, knobs=Args, prog="metricrl.py", about=__doc__):
@@ -958,11 +948,11 @@ def require(args, name, ok, what):
 
 def check_numbers(args):
     """Every number in its range (nan in none), ints below 2^31, floats finite."""
-    for name in ("steps", "episode_len", "eval_every", "lr", "w_max", "tile", "channels"):
+    for name in ("episode_len", "lr", "w_max", "tile", "channels"):
         require(args, name, getattr(args, name) > 0, "positive")
-    for name in ("seed", "episodes", "actor_batch", "lam", "beta", "fourier", "hidden"):
+    for name in ("seed", "episodes", "steps", "eval_every", "actor_batch", "lam", "beta", "hidden"):
         require(args, name, getattr(args, name) >= 0, "0 or more")
-    require(args, "fourier", args.fourier <= 16, "16 or less (float32 resolves no more)")
+    require(args, "fourier", 0 <= args.fourier <= 16, "in 0..16 (float32 resolves no more)")
     require(args, "episodes", args.episodes * args.episode_len <= 2**24, "at most 2^24 / T")
     require(args, "latent", args.latent >= 2, "2 or more (the figure projects phi on 2 axes)")
     for name in ("epsilon", "slip"):
@@ -971,12 +961,11 @@ def check_numbers(args):
         require(args, name, 0 <= getattr(args, name) < 1, "in [0, 1)")
     require(args, "gamma", 0 < args.gamma <= 1, "in (0, 1]")
     require(args, "expectile", 0 < args.expectile < 1, "in (0, 1)")
-    for field in dataclasses.fields(args):
-        setting = getattr(args, field.name)
+    for name, setting in dataclasses.asdict(args).items():
         if type(setting) is int:
-            require(args, field.name, setting < 2**31, "below 2^31")
+            require(args, name, setting < 2**31, "below 2^31")
         if type(setting) is float:
-            require(args, field.name, math.isfinite(setting), "finite")
+            require(args, name, math.isfinite(setting), "finite")
 
 
 def check_args(args):
@@ -1011,13 +1000,24 @@ def pick_device(name):
                      f"{torch.__version__})")
 
 
+def with_budgets(args, n):
+    """Set-up: --steps, --eval-every, --actor-batch 0 set by N cells (departures): 2,600 steps, or
+    with --critic exact 16 N if more (exact by step 1,000 on maze, 4,000 on maze25, 20,000 on
+    maze51); evaluations every 500, or 500 per 2,600 steps; max(1,024, N^2 / 32) actor samples."""
+    exact = 16 * n if args.critic == "exact" else 0
+    steps = args.steps or max(2600, exact)
+    every = args.eval_every or max(500, steps * 500 // 2600)
+    batch = args.actor_batch or max(1024, n * n // 32)
+    return dataclasses.replace(args, steps=steps, eval_every=every, actor_batch=batch)
+
+
 def memory_needed(env, args):
     """Bytes a run needs, roughly: (N, N) tables, data, networks, batches, CNN feature maps."""
     n, actions = env.transitions().shape
     episodes = args.episodes or default_episodes(n, actions, args.episode_len)
-    batch = args.actor_batch or actor_budget(n)
     need = 250 * n * n + 100 * args.episode_len * episodes  # the tables, the data
     hidden = args.hidden or 256  # the widest rule; and the actor's (B, A) logits, weights
+    batch = with_budgets(args, n).actor_batch
     need += 16 * (5 * n * hidden + 3 * hidden ** 2) + 32 * batch * (hidden + actions)
     if args.features == "image":  # and the convolutions' weights, gradients, Adam's moments
         pixels = env.height * env.width * args.tile ** 2

@@ -638,14 +638,15 @@ def test_exact_loss_by_hand():
     z = torch.tensor([[1.0, 2.0, 9.0], [1.0, 0.5, 1.0], [3.0, 0.0, -1.0]])
     moves = torch.tensor([[0.0, 1, 0], [0, 0, 1], [0, 0, 0]])  # 0 -> 1, 1 -> 2
     pairs = torch.tensor([[0.0, 0, 2], [0, 0, 0], [1, 0, 0]])
-    loss, info = metricrl.exact_loss(z, moves, pairs, torch.tensor(2.0))
+    loss, info = metricrl.exact_loss(z, moves.nonzero().T, moves, pairs, torch.tensor(2.0))
     # z_g(s) - z_g(g), capped at N = 3, weighted by moves + pairs: 1.5 + 2 * 3 + 2 + 2
     assert info["push"].item() == pytest.approx(11.5 / 5)
     # move 0 -> 1: relu(0, 0.5, 7)^2; move 1 -> 2: relu(-3, -0.5, 1)^2; over 2 moves x 3
     assert info["violation"].item() == pytest.approx((0.25 + 49 + 1) / 6)
     assert loss.item() == pytest.approx(-11.5 / 5 + 2 * 50.25 / 6)
     no_moves = torch.zeros(3, 3)  # data without a move between two cells: a loss, not nan
-    assert torch.isfinite(metricrl.exact_loss(torch.randn(3, 3), no_moves, no_moves, 1.0)[0])
+    edges = no_moves.nonzero().T  # (2, 0)
+    assert torch.isfinite(metricrl.exact_loss(torch.randn(3, 3), edges, no_moves, no_moves, 1.0)[0])
 
 
 def test_super_state_joins_each_trajectory_end():
@@ -842,8 +843,9 @@ def test_critic_step_moves_td_target_and_raises_mu():
         assert torch.allclose(p_target, metricrl.TARGET_RATE * p)  # from 0 towards V
     env, args, data, x, critic, _ = tiny_run(ROOM, critic="exact")
     nn.init.normal_(critic[-1].weight, std=3.0)  # far apart: moves longer than 1 violate
-    counts = metricrl.pair_counts(data, len(x))
+    moves, pairs = metricrl.pair_counts(data, len(x))
     memory = {"mu": torch.tensor(3.0)}
+    counts = moves, pairs, moves.nonzero().T
     loss, info, z = metricrl.critic_step(critic, x, data, counts, args, memory)
     assert z.shape == (len(x), len(x)) and info["violation"] > 0
     rise = metricrl.EXACT_DUAL_RATE * info["violation"]
@@ -894,8 +896,21 @@ def test_logged_losses_average_only_the_steps_that_computed_them():
     assert logged[1] == pytest.approx(logged[0], rel=0.3)
 
 
+def test_step_budget_grows_with_the_map_for_the_exact_critic_only():
+    """--steps 0: 2,600, or 16 N for --critic exact on a map past 162 cells; six evaluations."""
+    def budget(n, **knobs):
+        args = metricrl.with_budgets(Args(**knobs), n)
+        return args.steps, args.eval_every
+
+    assert budget(1274) == (2600, 500)  # the paper's critic: at its plateau by step 500
+    assert budget(99, critic="exact") == (2600, 500)
+    assert budget(1274, critic="exact") == (16 * 1274, 16 * 1274 * 500 // 2600)
+    assert budget(1274, critic="exact", steps=100, eval_every=7) == (100, 7)
+    assert budget(1274, critic="exact", steps=100) == (100, 500)
+
+
 def test_actor_budget_grows_with_the_map():
-    budgets = [metricrl.actor_budget(n) for n in (10, 99, 292, 1274)]
+    budgets = [metricrl.with_budgets(Args(), n).actor_batch for n in (10, 99, 292, 1274)]
     assert budgets[:2] == [1024, 1024] and budgets[2] > 2 * 1024
     assert budgets[3] == 1274 ** 2 // 32 and budgets[3] / budgets[2] == pytest.approx(
         (1274 / 292) ** 2, rel=0.01)  # N^2 samples per step
@@ -913,6 +928,99 @@ def test_actor_budget_grows_with_the_map():
                                                        critic_only=0.0, actor_batch=batch)
             metricrl.train(data, x, critic, actor, args)
     assert seen == [1024, 1024, 300, 300]
+
+
+# Ops that make the host wait for a CUDA device: a scalar read (.item(), if t:, float(t)), an
+# output whose size depends on the values (nonzero, a boolean mask, unique, bincount, ...)
+WAITS_FOR_THE_DEVICE = {"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "argwhere",
+                        "masked_select", "masked_scatter", "_unique2", "unique_dim",
+                        "unique_consecutive", "bincount", "repeat_interleave"}
+
+
+class WaitWatch(torch.utils._python_dispatch.TorchDispatchMode):
+    """On the CPU, the ops that would synchronize on CUDA, while `on`."""
+    def __init__(self):
+        super().__init__()
+        self.on, self.found = False, []
+
+    def start(self):
+        self.on = True
+
+    def stop(self):
+        self.on = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        inputs = torch.utils._pytree.tree_leaves((args, kwargs))
+        masked = name.startswith("index") and any(
+            isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in inputs)
+        if self.on and (name in WAITS_FOR_THE_DEVICE or masked):
+            self.found.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+SYNC_FREE_RUNS = [{}, {"critic": "exact"}, {"algo": "td"}, {"algo": "gcbc"}, {"critic": "bfs"},
+                  {"super_state": True, "metric": "quasimetric"}, {"features": "xy"},
+                  {"features": "image", "tile": 6, "channels": 4}, {"layout": "hypermaze2s5"},
+                  {"goals": "random"}, {"slip": 0.2, "holdout": 0.2}]
+
+
+def train_watched(monkeypatch, start, stop, device="cpu", layout=MAZE7, **knobs):
+    """A tiny train() with start() called as each step's Progress.add() begins, stop() where it
+    writes a row: all that runs from one row to the next, bar the row, runs between the two."""
+    add = metricrl.Progress.add
+
+    def watched_add(self, step, info):
+        start()
+        if step % self.args.eval_every == 0 or step == self.args.steps:  # a row: the host reads
+            stop()
+        return add(self, step, info)
+
+    monkeypatch.setattr(metricrl.Progress, "add", watched_add)
+    env = GridWorld(layout)
+    args = Args(episodes=20, episode_len=20, hidden=16, steps=30, eval_every=10, quiet=True,
+                **knobs)
+    data = metricrl.collect_dataset(env, args, np.random.default_rng(0))
+    data = {key: column.to(device) for key, column in data.items()}
+    x, critic, actor = metricrl.build(env, args, device)
+    rows = metricrl.train(data, x, critic, actor, args, metricrl.ground_truth(env, args, device))
+    stop()
+    return rows
+
+
+@pytest.mark.parametrize("knobs", SYNC_FREE_RUNS)
+def test_training_steps_never_wait_for_the_device(monkeypatch, knobs):
+    """What would stop a CUDA step until the host has read a value, checked on the CPU: no
+    such op between two progress rows (the CUDA test below checks the device itself)."""
+    watch = WaitWatch()
+    with watch:
+        rows = train_watched(monkeypatch, watch.start, watch.stop, **knobs)
+    assert watch.found == [] and len(rows) == 3
+
+
+def test_the_watch_sees_what_waits():
+    watch = WaitWatch()
+    t = torch.arange(5)
+    with watch:
+        t.nonzero(), t[t.argmax()[None]], t.cumsum(0)  # nothing yet: not on
+        watch.start()
+        t[t.argmax()[None]], t.cumsum(0), t.bincount()  # a (1,) index: no wait
+        t[t > 2], t[t.argmax()], t.sum().item()  # a mask; a scalar index is read as an int
+    assert watch.found == ["bincount", "index", "_local_scalar_dense", "_local_scalar_dense"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("knobs", SYNC_FREE_RUNS)
+def test_cuda_training_steps_never_synchronize(monkeypatch, knobs):
+    """torch's sync debug mode raises at any host synchronization between two rows."""
+    def start():
+        torch.cuda.set_sync_debug_mode("error")
+
+    def stop():
+        torch.cuda.set_sync_debug_mode("default")
+
+    rows = train_watched(monkeypatch, start, stop, "cuda", **knobs)
+    assert len(rows) == 3
 
 
 def test_critic_learns_to_order_distances_on_a_tiny_map():
@@ -1209,9 +1317,9 @@ def test_every_method_learns_from_expert_data_on_a_tiny_map(tmp_path, algo, epsi
     assert np.isnan(m["critic_success_rate"]) == (algo == "gcbc")
 
 
-def no_figure(path, *rest):
+def no_figure(folder, *rest):
     """plot_run's stand-in where a test runs many runs and another test checks the figure."""
-    Path(path).write_bytes(b"")
+    (Path(folder) / "metricrl.png").write_bytes(b"")
 
 
 def test_readme_exercises_run_as_written(tmp_path, monkeypatch):
@@ -1236,7 +1344,7 @@ def test_readme_exercises_run_as_written(tmp_path, monkeypatch):
 @pytest.mark.parametrize("flags, message", [
     (["--env", "castle"], "unknown layout 'castle'"),
     (["--env", "BADMAP"], "unknown character"),
-    (["--steps", "0"], "--steps must be positive"),
+    (["--steps", "-1"], "--steps must be 0 or more"),
     (["--episodes", "-3"], "--episodes must be 0 or more"),
     (["--epsilon", "1.5"], "--epsilon must be in [0, 1]"),
     (["--out", "FILE/sub"], "cannot write there"),
@@ -1274,8 +1382,8 @@ def test_readme_exercises_run_as_written(tmp_path, monkeypatch):
     (["--features", "image", "--tile", "0"], "--tile must be positive"),
     (["--features", "image", "--env", "open", "--tile", "1"], "the CNN needs 17: --tile 2"),
     (["--holdout", "1"], "--holdout must be in [0, 1)"),
-    (["--features", "xy", "--fourier", "-1"], "--fourier must be 0 or more"),
-    (["--features", "xy", "--fourier", "40"], "--fourier must be 16 or less"),
+    (["--features", "xy", "--fourier", "-1"], "--fourier must be in 0..16"),
+    (["--features", "xy", "--fourier", "40"], "--fourier must be in 0..16"),
     (["--holdout", "-0.1"], "--holdout must be in [0, 1)"),
     (["--holdout", "0.99"], "leaves no move to learn from"),
     (["--data", "one-direction", "--algo", "gcbc"], "no hindsight goals"),
@@ -1334,7 +1442,7 @@ def test_help_lists_every_knob_with_its_comment(capsys):
     with pytest.raises(SystemExit) as exit_info:
         metricrl.main(["--help"])
     out = capsys.readouterr().out
-    assert exit_info.value.code == 0 and "--super-state" in out and "(default: 2600)" in out
+    assert exit_info.value.code == 0 and "--super-state" in out and "0: 2,600 (--critic" in out
     assert "behaviour: random action with this probability" in out  # Args' comment on epsilon
 
 
@@ -1501,7 +1609,7 @@ def test_assumptions_writes_every_row_and_resumes(tmp_path, capsys, monkeypatch)
     (["--compare", "--assumptions"], "--compare and --assumptions are two modes"),
     (["--steps", "5"], "give --compare, --assumptions, --observations or --scaling"),
     (["--compare", "--seeds", "0"], "--seeds must be positive, got 0"),
-    (["--compare", "--steps", "0"], "--steps must be positive"),
+    (["--compare", "--steps", "-5"], "--steps must be 0 or more"),
 ])
 def test_bad_sweep_input_exits_2_with_one_line(tmp_path, capsys, flags, message):
     assert_one_line_error(experiments.main, tmp_path, capsys, flags, message)

@@ -447,7 +447,7 @@ def learning_rates(done, args, actor_from):
 def train(data, x, critic, actor, args, truth=None):
     """Algorithm 1: the critic alone for the first `critic_only` share of the steps, then both
     in one backward pass (gcbc, --critic bfs: the actor only) -> the history of Progress."""
-    args = with_budgets(args, len(x))
+    args = with_budgets(args, len(x))  # --steps 0 and such, by the map (set-up, section 10)
     learns_critic = critic is not None and args.critic != "bfs"
     actor_from = int(args.critic_only * args.steps) if learns_critic else 0
     critic_group = {"params": critic.parameters() if critic is not None else []}

@@ -10,6 +10,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -904,7 +905,9 @@ def test_step_budget_grows_with_the_map_for_the_exact_critic_only():
 
     assert budget(1274) == (2600, 500)  # the paper's critic: at its plateau by step 500
     assert budget(99, critic="exact") == (2600, 500)
-    assert budget(1274, critic="exact") == (16 * 1274, 16 * 1274 * 500 // 2600)
+    steps, every = budget(1274, critic="exact")
+    assert (steps, every) == (16 * 1274, 16 * 1274 * 500 // 2600)
+    assert len(range(every, steps, every)) + 1 == 6  # rows at 3,920 ... 19,600 and 20,384
     assert budget(1274, critic="exact", steps=100, eval_every=7) == (100, 7)
     assert budget(1274, critic="exact", steps=100) == (100, 500)
 
@@ -966,15 +969,18 @@ SYNC_FREE_RUNS = [{}, {"critic": "exact"}, {"algo": "td"}, {"algo": "gcbc"}, {"c
 
 
 def train_watched(monkeypatch, start, stop, device="cpu", layout=MAZE7, **knobs):
-    """A tiny train() with start() called as each step's Progress.add() begins, stop() where it
-    writes a row: all that runs from one row to the next, bar the row, runs between the two."""
+    """A tiny train() with stop() called before Progress.add() writes a row, start() after it:
+    every step after the first, up to the last, runs between the two (a row does not)."""
     add = metricrl.Progress.add
 
     def watched_add(self, step, info):
-        start()
-        if step % self.args.eval_every == 0 or step == self.args.steps:  # a row: the host reads
+        scored = step % self.args.eval_every == 0 or step == self.args.steps
+        row = scored or time.time() - self.tick > 25  # a row: the host reads (30 s: add())
+        if row:
             stop()
-        return add(self, step, info)
+        add(self, step, info)
+        if step < self.args.steps:
+            start()
 
     monkeypatch.setattr(metricrl.Progress, "add", watched_add)
     env = GridWorld(layout)
@@ -1019,7 +1025,10 @@ def test_cuda_training_steps_never_synchronize(monkeypatch, knobs):
     def stop():
         torch.cuda.set_sync_debug_mode("default")
 
-    rows = train_watched(monkeypatch, start, stop, "cuda", **knobs)
+    try:
+        rows = train_watched(monkeypatch, start, stop, "cuda", **knobs)
+    finally:
+        stop()  # whatever happened, the next test runs in the default mode
     assert len(rows) == 3
 
 

@@ -1060,7 +1060,7 @@ def run_name(args, base=None):
     """The map, the algo, each knob unlike base's (the defaults), the seed: maze-gcbc-s0."""
     base = base or Args()
     name = [os.path.splitext(os.path.basename(args.env))[0], args.algo]
-    for field in dataclasses.fields(Args):
+    for field in dataclasses.fields(base):  # metricrl_continuous.py: its own Args
         setting = getattr(args, field.name)
         flag = field.name.replace("_", "-")
         named = field.name in ("env", "algo", "seed", "device", "out", "quiet")

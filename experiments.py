@@ -3,12 +3,14 @@
 --compare runs methods x data qualities x maps; --assumptions, runs where one of MetricRL's
 assumptions breaks, and its fixes; --observations, each map from one-hot cells, coordinates
 and images, with cells held out of the data, and with moves one way only; --scaling, the
-hypermazes of d = 2, 3, 4 (--envs: others) with metricrl, td and gcbc.
+hypermazes of d = 2, 3, 4 (--envs: others) with metricrl, td and gcbc; --continuous, the
+paper's continuous benchmarks (metricrl_continuous.py: PointMaze, FetchReach).
 
     python experiments.py --compare --env maze     # 60 runs: compare.md and compare.png
     python experiments.py --assumptions            # 30 runs: assumptions.md and .png
     python experiments.py --observations           # 66 runs: observations.md and .png
     python experiments.py --scaling --seeds 1      # 9 runs: scaling.md and .png
+    python experiments.py --continuous             # 75 runs of metricrl_continuous.py
     python experiments.py --help                   # a run's knobs and the sweeps' own
 
 Each row runs --seeds times (from --seed on), each run into its own folder; a sweep started
@@ -39,6 +41,7 @@ class SweepArgs(Args):  # a run's knobs, and the sweeps' own: each comment is it
     assumptions: bool = False  # runs where each assumption breaks: assumptions.md, .png
     observations: bool = False  # features x maps, held-out cells, one-way data: observations.md
     scaling: bool = False  # hypermazes (--envs, or d = 2 to 4) x metricrl, td, gcbc: scaling.md
+    continuous: bool = False  # metricrl_continuous.py: PointMaze, FetchReach x methods x data
     seeds: int = 3  # seeds per row, from --seed on
 
 
@@ -65,6 +68,9 @@ SWEEPS = {
                           ("env", "features", "holdout", "data", "episodes")),
     "scaling": Sweep(("map", "method"), ("success_rate", "critic_success_rate",
                      "optimal_action_rate", "cells", "actions", "seconds"), ("env", "algo")),
+    "continuous": Sweep(("env", "method", "data"),
+                        ("success_rate", "path_ratio", "spearman", "monotonicity", "seconds"),
+                        ("env", "algo", "advantage", "data", "epsilon")),
 }
 VARIANTS = {  # --algos: a method's name in --compare, and the knobs that make it
     "metricrl": {}, "metricrl-linear": {"weighting": "linear"},
@@ -116,6 +122,26 @@ def scaling_rows(args):
             for algo in ("metricrl", "td", "gcbc")]
 
 
+def continuous_rows():
+    """--continuous' rows (metricrl_continuous.py): each PointMaze x metricrl, gcbc, td on random
+    actions; on UMaze and Medium also the paper's one-step advantage and the authors' OU data
+    (Large's: beyond 3 hours of 2 cores); FetchReach x epsilon (random to scripted) x metricrl,
+    gcbc."""
+    rows = []
+    for env in ("umaze", "medium", "large"):
+        for algo in ("metricrl", "gcbc", "td"):
+            rows.append(((env, algo, "random"), {"env": env, "algo": algo}))
+    for env in ("umaze", "medium"):
+        rows.append(((env, "metricrl-one-step", "random"), {"env": env, "advantage": "one-step"}))
+        for algo in ("metricrl", "gcbc"):
+            rows.append(((env, algo, "OU"), {"env": env, "algo": algo, "data": "ou"}))
+    for eps in (1.0, 0.75, 0.5, 0.25, 0.0):
+        for algo in ("metricrl", "gcbc"):
+            knobs = {"env": "reach", "algo": algo, "epsilon": eps}
+            rows.append((("reach", algo, f"ε = {eps:g}"), knobs))
+    return rows
+
+
 def listed(text):
     """A comma-separated flag's values, stripped, each once, in order."""
     values = [value.strip() for value in text.split(",")]
@@ -157,8 +183,8 @@ def check_sweep(args, given):
     if len(modes) > 1:
         raise UsageError(f"--{modes[0]} and --{modes[1]} are two modes: use one")
     if not modes:
-        raise UsageError("give --compare, --assumptions, --observations or --scaling (one run: "
-                         "python metricrl.py)")
+        raise UsageError("give --compare, --assumptions, --observations, --scaling or "
+                         "--continuous (one run: python metricrl.py)")
     mode = modes[0]
     per_row = set(SWEEPS[mode].knobs)
     if mode == "compare":
@@ -171,22 +197,26 @@ def check_sweep(args, given):
 
 def given_knobs(base):
     """The knobs a sweep passes to all its runs, for its folder's name: "-steps=400", or ""."""
-    plain = Args(env=base.env, algo=base.algo, seed=base.seed)  # the same without them
-    head = metricrl.run_name(plain).removesuffix(f"-s{base.seed}")  # <map>-<algo>
-    tail = metricrl.run_name(base).removeprefix(head)  # -<knobs>-s<seed>
+    knobs = type(base)  # metricrl.py's Args, or metricrl_continuous.py's
+    plain = knobs(env=base.env, algo=base.algo, seed=base.seed)  # the same without them
+    head = metricrl.run_name(plain, knobs()).removesuffix(f"-s{base.seed}")  # <map>-<algo>
+    tail = metricrl.run_name(base, knobs()).removeprefix(head)  # -<knobs>-s<seed>
     return tail.removesuffix(f"-s{base.seed}")
 
 
-def run_args(args, **knobs):
-    """The run's knobs of a sweep's args (the sweep's own left out), with `knobs` changed."""
-    fields = {field.name: getattr(args, field.name) for field in dataclasses.fields(Args)}
-    return dataclasses.replace(Args(**fields), **knobs)
+def run_args(args, given, knobs=Args, **changes):
+    """A run's knobs (knobs: a file's Args): the flags given that it has, else its defaults."""
+    names = {field.name for field in dataclasses.fields(knobs)} & set(given)
+    return dataclasses.replace(knobs(**{name: getattr(args, name) for name in names}), **changes)
 
 
-def sweep(args, name):
+def sweep(args, name, given=()):
     """The sweep `name` (compare, ...): each row's runs, a line each, the table and figure."""
-    defaults = {knob: getattr(Args(), knob) for knob in SWEEPS[name].knobs}
-    base = run_args(args, **defaults, quiet=True)  # the knobs every row starts from
+    module = metricrl
+    if name == "continuous":  # its runs: metricrl_continuous.py's, with their own knobs
+        import metricrl_continuous as module
+    defaults = {knob: getattr(module.Args(), knob) for knob in SWEEPS[name].knobs}
+    base = run_args(args, given, module.Args, **defaults, quiet=True)  # what rows start from
     folder = [name]
     if name == "compare":
         rows = compare_rows(args)
@@ -195,6 +225,8 @@ def sweep(args, name):
         rows = assumption_rows()
     elif name == "scaling":
         rows = scaling_rows(args)
+    elif name == "continuous":
+        rows = continuous_rows()
     else:
         rows = observation_rows()
     root = args.out or os.path.join("runs", "-".join(folder) + given_knobs(base))
@@ -202,14 +234,14 @@ def sweep(args, name):
     for label, knobs in rows:
         for seed in range(args.seed, args.seed + args.seeds):
             cell = dataclasses.replace(base, **knobs, seed=seed)
-            metricrl.check_args(cell)
+            module.check_args(cell)
             cell.out = os.path.join(root, metricrl.run_name(cell, base))
             cells.append((label, cell))
     done = sum(finished(cell) is not None for _, cell in cells)
     say(f"--{name}: {len(cells)} run(s) in {root}, {done} done before")
     results = {}
     for k, (label, cell) in enumerate(cells, 1):
-        metrics = finished(cell) or dict(metricrl.run(cell), fresh=True)
+        metrics = finished(cell) or dict(module.run(cell), fresh=True)
         results.setdefault(label, []).append(metrics)
         say(run_line(k, len(cells), cell, metrics))
     table = sweep_table(args, SWEEPS[name], results, metrics["device"])
@@ -227,7 +259,7 @@ def finished(cell):
     with contextlib.suppress(OSError, ValueError, TypeError, KeyError, AttributeError):
         with open(os.path.join(cell.out, "metrics.json"), encoding="utf-8") as f:
             metrics = json.load(f)
-        saved = {**dataclasses.asdict(Args()), **metrics["flags"]}  # knobs added since: default
+        saved = {**dataclasses.asdict(type(cell)()), **metrics["flags"]}  # added since: default
         for key in ("out", "device", "quiet"):  # where and how verbosely: the same result
             saved[key] = getattr(cell, key)
         same = all(saved[key] == value for key, value in dataclasses.asdict(cell).items())
@@ -238,8 +270,11 @@ def finished(cell):
 
 def run_line(k, total, cell, metrics):
     """A sweep's progress line for its k-th run."""
-    scores = (f"success {metrics['success_rate']:.3f}  "
-              f"critic success {metrics['critic_success_rate']:.3f}").replace("nan", "  —")
+    critic = "critic success", metrics.get("critic_success_rate", math.nan)
+    if "critic_success_rate" not in metrics:  # metricrl_continuous.py's: the critic's Spearman
+        critic = "spearman", metrics["spearman"]
+    scores = f"success {metrics['success_rate']:.3f}  {critic[0]} {critic[1]:.3f}"
+    scores = scores.replace("nan", "  —")
     left = "done before"
     if "fresh" in metrics:
         left = f"about {(total - k) * metrics['seconds'] / 60:.1f} min left"
@@ -298,11 +333,12 @@ def sweep_plot(path, name, labels, results):
     colors = [f"C{groups.index(row[by])}" for row in rows]
     ax.barh(at, [mean for mean, _ in success], xerr=[std for _, std in success], capsize=3,
             ecolor="0.5", color=colors)
-    ax.plot(critic, at, "kD", ms=6, label="its critic's own greedy policy (mean)")
+    if not np.isnan(critic).all():  # metricrl_continuous.py's runs: no critic's own policy
+        ax.plot(critic, at, "kD", ms=6, label="its critic's own greedy policy (mean)")
+        ax.legend(loc="lower right", fontsize=8)
     ax.set_yticks(at, [" · ".join(row) for row in rows], fontsize=8)
     ax.set(xlim=(0, 1.02), xlabel=f"success over all pairs ({' · '.join(labels)})",
            title=f"--{name}: the actor's success (bars: mean ± std over seeds)")
-    ax.legend(loc="lower right", fontsize=8)
     fig.savefig(path, dpi=80)
 
 
@@ -336,12 +372,12 @@ def replace_unknown_characters():
 
 
 def main(argv=None):
-    """The command line: python experiments.py --compare|--assumptions|--observations|--scaling."""
+    """The command line: python experiments.py --compare|--assumptions|... (one sweep)."""
     replace_unknown_characters()
     try:
         args, given = metricrl.parse_args(argv, SweepArgs, "experiments.py", __doc__)
         name = check_sweep(args, given)
-        return sweep(args, name)
+        return sweep(args, name, given)
     except (UsageError, FloatingPointError, KeyboardInterrupt) as e:
         metricrl.exit_with_one_line("experiments.py", e)
 

@@ -1616,7 +1616,7 @@ def test_assumptions_writes_every_row_and_resumes(tmp_path, capsys, monkeypatch)
     (["--compare", "--envs", "maze,castle"], "unknown layout 'castle'"),
     (["--compare", "--algos", "td", "--gamma", "1"], "td needs --gamma"),
     (["--compare", "--assumptions"], "--compare and --assumptions are two modes"),
-    (["--steps", "5"], "give --compare, --assumptions, --observations or --scaling"),
+    (["--steps", "5"], "give --compare, --assumptions, --observations, --scaling or --continuous"),
     (["--compare", "--seeds", "0"], "--seeds must be positive, got 0"),
     (["--compare", "--steps", "-5"], "--steps must be 0 or more"),
 ])

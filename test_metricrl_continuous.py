@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import experiments
 import metricrl
 import metricrl_continuous as mc
 from test_metricrl import WaitWatch
@@ -375,3 +376,35 @@ def test_help_lists_every_knob_and_metricrl_py_never_imports_this_file():
     assert "Adroit" not in result.stderr  # gymnasium-robotics' notice, kept out
     with open(os.path.join(HERE, "metricrl.py"), encoding="utf-8") as f:
         assert not re.search(r"^\s*(import|from)\s+metricrl_continuous", f.read(), re.M)
+
+
+def test_the_continuous_sweep_runs_its_rows_with_this_file_and_resumes(tmp_path, monkeypatch):
+    """experiments.py --continuous: each row a run of this file with its own knobs (the
+    sweep's flags given pass on, the rest its defaults), the table, and a second call that
+    finds every run done (run() replaced: a run's own work is tested above)."""
+    runs = []
+
+    def fake_run(cell):
+        runs.append(cell)
+        metrics = {"success_rate": 0.5, "path_ratio": math.nan, "spearman": 0.9,
+                   "monotonicity": 0.8, "seconds": 1.0, "device": "cpu",
+                   "flags": dataclasses.asdict(cell)}
+        os.makedirs(cell.out)
+        with open(os.path.join(cell.out, "metrics.json"), "w", encoding="utf-8") as f:
+            json.dump(metrics, f)
+        return metrics
+
+    monkeypatch.setattr(mc, "run", fake_run)
+    flags = ["--continuous", "--seeds", "1", "--steps", "7", "--quiet", "--out", str(tmp_path)]
+    experiments.main(flags)
+    assert len(runs) == 25 and all(type(cell) is mc.Args for cell in runs)
+    assert {cell.steps for cell in runs} == {7} and {cell.hidden for cell in runs} == {256}
+    kinds = {(cell.env, cell.algo, cell.advantage, cell.data, cell.epsilon) for cell in runs}
+    assert ("large", "td", "centred", "random", 1.0) in kinds
+    assert ("medium", "metricrl", "one-step", "random", 1.0) in kinds
+    assert ("reach", "gcbc", "centred", "random", 0.25) in kinds
+    table = (tmp_path / "continuous.md").read_text(encoding="utf-8")
+    assert "| umaze | metricrl | random | 0.500 | — | 0.900 | 0.800 | 1 |" in table
+    runs.clear()
+    experiments.main(flags)  # every run found done
+    assert runs == []

@@ -55,11 +55,11 @@ class Args:  # each knob's comment is its --help text
     w_max: float = 100.0  # clip of the exp weights
     expectile: float = 0.7  # td: expectile of the TD target
     batch: int = 512  # transitions a step, for the critic and for the actor
-    steps: int = 0  # gradient steps in all; 0: 800 a PointMaze cell, 10,000 or more; 5,000
+    steps: int = 0  # gradient steps; 0: 800 a PointMaze cell, 10,000 at least; FetchReach 5,000
     critic_only: float = 0.2  # share of the steps that train the critic alone (not gcbc)
-    lr: float = 1e-3  # Adam learning rate; the actor's falls linearly to 0
+    lr: float = 1e-3  # Adam learning rate; the actor's (and b's) falls linearly to 0
     tests: int = 0  # test episodes; 0: 1,000 (PointMaze: every pair of cells once, if more)
-    eval_every: int = 0  # a quick evaluation (100 test episodes) every this many steps; 0: 5
+    eval_every: int = 0  # a quick evaluation (100 test episodes) every this many steps; 0: 5 a run
     out: str = ""  # output folder (default: runs/<env>-<algo>-<knobs changed>-s<seed>)
     quiet: bool = False  # print nothing (the files are written all the same)
 
@@ -89,9 +89,9 @@ class Task:  # what a run needs of its environment, fixed by setup()
 
 # ============================================================================ 1. data
 def behaviour(args, task, rng, obs, goal, previous):
-    """The data's actions (K, U): uniform in [-1, 1]; --data ou: a = (1 - theta) a_prev + sigma z,
-    z uniform (the authors'); FetchReach: uniform with probability epsilon, else scripted, the
-    gripper straight at the goal, at most 5 cm along any axis a step, the fingers still."""
+    """The data's actions (K, U): uniform in [-1, 1]; --data ou: the authors' a = (1 - theta) a_prev
+    + sigma z, z uniform, a memory of 1 / theta = 10 steps, clipped as the environment does;
+    FetchReach: uniform with probability epsilon, else straight at the goal, 5 cm at most."""
     uniform = rng.uniform(-1, 1, previous.shape)
     if task.maze is None:
         delta = goal - obs[:, :3]  # (K, 3)
@@ -100,7 +100,6 @@ def behaviour(args, task, rng, obs, goal, previous):
         return np.where(rng.random((len(obs), 1)) < args.epsilon, uniform, scripted)
     if args.data == "random":
         return uniform
-    # OU: a memory of about 1 / theta = 10 steps; the environment clips to [-1, 1], so do we
     return np.clip((1 - OU_THETA) * previous + OU_SIGMA * uniform, -1, 1)
 
 
@@ -288,9 +287,9 @@ def td_loss(v, v_target, data, task, args):
     with torch.no_grad():  # V_target moves TARGET_RATE of the way to V (Polyak)
         for p_target, p in zip(v_target.parameters(), v.parameters()):
             p_target.lerp_(p, TARGET_RATE)
-    s, _, s2, g = sample(data, args.batch, "random")
-    later = sample(data, args.batch, "hindsight")[3]
-    g = torch.where(torch.rand(args.batch, 1, device=g.device) < 0.5, later, g)  # (B, G)
+    s, _, s2, later = sample(data, args.batch, "hindsight")  # a later state of s's episode
+    other = data["g2"][torch.randint(len(s2), (args.batch,), device=s2.device)]  # any state
+    g = torch.where(torch.rand(args.batch, 1, device=s2.device) < 0.5, later, other)  # (B, G)
     with torch.no_grad():
         reached = (s2[:, :g.shape[1]] - g).norm(dim=1) <= task.radius
         y = args.gamma * torch.where(reached, 1.0, v_target(s2, g)[:, 0])  # (B,)
@@ -356,15 +355,15 @@ def ground_truth(task, data, envs, args):
         starts = [{"seed": seed + k, "options": option} for k, option in enumerate(options)]
     truth = {"starts": starts, "quick": np.sort(rng.permutation(len(starts))[:100])}
     if task.maze is not None:  # PointMaze's x, y of cell (row, col): the map's centre at 0, 0
-        height, width = task.maze.grid.shape
-        rows, cols = task.maze.cells.T
+        (height, width), (rows, cols) = task.maze.grid.shape, task.maze.cells.T
         centres = np.stack([cols + 0.5 - width / 2, height / 2 - rows - 0.5], axis=1)  # (P, 2)
         truth["g"] = torch.tensor(centres, dtype=torch.float32, device=data["s"].device)
         truth["s"] = goal_state(truth["g"], data["s"].shape[1])
         truth["d"] = torch.tensor(task.maze.distance_matrix(), device=data["s"].device)
         return truth
     rows = torch.as_tensor(rng.choice(len(data["s"]), 256))
-    truth["s"], truth["g"] = data["s"][rows], data["g2"][rows]
+    truth["s"] = data["s"][rows]
+    truth["g"] = truth["s"][:, :task.goal_size]  # their grippers: d(s_i, g_j) vs ||p_i - p_j||
     truth["d"] = torch.cdist(truth["g"], truth["g"])
     controller = functools.partial(behaviour, dataclasses.replace(args, epsilon=0.0), task, rng)
     scripted = run_episodes(task, envs, starts, controller, stop_at_success=True)
@@ -408,8 +407,8 @@ def run(args):
     every = args.eval_every or math.ceil(steps / 5)
     given, args = args, dataclasses.replace(args, episodes=episodes, steps=steps, eval_every=every)
     folder = os.path.join(os.path.dirname(os.path.abspath(out)), "datasets")
-    data, reached = cached_dataset(task, args, folder)  # in the run folder's parent
-    with metricrl.staged(out, OUTPUTS) as tmp:
+    with metricrl.staged(out, OUTPUTS) as tmp:  # an unwritable --out fails before the data
+        data, reached = cached_dataset(task, args, folder)  # in the run folder's parent
         torch.manual_seed(args.seed)
         data = {key: torch.as_tensor(column, device=device) for key, column in data.items()}
         data["g2"] = data["s2"][:, :task.goal_size]  # (M, G) the achieved goal of each s'
@@ -420,13 +419,13 @@ def run(args):
             say(f"{task.env_id}: {len(data['s']):,} transitions, {reached:.3f} of the data's "
                 f"episodes reach their goal | {device} | {args.steps} steps")
         history = train(data, nets, task, args, Progress(args, nets, task, envs, truth))
-        tests = range(len(truth["starts"]))
+        tests = range(len(truth["starts"]))  # every test episode
         metrics, episodes = evaluate(*nets[:2], task, envs, truth, tests, args)
         plot_run(os.path.abspath(out), tmp, task, args, nets[0], truth, episodes, history, metrics)
         seconds = round(time.time() - start, 2)
-        metrics.update(env=task.env_id, algo=args.algo, seed=args.seed, device=str(device))
-        metrics.update(steps=args.steps, tests=len(episodes), transitions=len(data["s"]),
-                       data_success=reached, seconds=seconds, flags=dataclasses.asdict(given))
+        metrics.update(env=args.env, env_id=task.env_id, algo=args.algo, seed=args.seed)
+        metrics.update(device=str(device), steps=args.steps, tests=len(episodes), seconds=seconds)
+        metrics.update(transitions=len(data["s"]), data_success=reached, flags=vars(given))
         write_files(tmp, task, args, nets, history, metrics)
     if not args.quiet:
         say(f"wrote {os.path.join(out, '')} ({', '.join(OUTPUTS)}) in {seconds:.1f} s")
@@ -468,7 +467,7 @@ def plot_run(folder, tmp, task, args, critic, truth, episodes, history, metrics)
         if points:
             steps = [row["step"] for row in points]
             axes[-1, k].plot(steps, [row[key] for row in points], "o-", label=key)
-    names = ("Quick evaluations (100 tests)", "The critic's losses", "The actor's loss")
+    names = ("Quick evaluations (100 tests or fewer)", "The critic's losses", "The actor's loss")
     for ax, name in zip(axes[-1], names):
         ax.set(title=name, xlabel="gradient step")
         if ax.lines:  # gcbc's critic: none
@@ -535,9 +534,8 @@ def check_args(args):
     """Raise UsageError for a value that a run cannot use."""
     for name in ("lr", "w_max", "hidden", "latent"):
         metricrl.require(args, name, getattr(args, name) > 0, "positive")
-    for name in ("seed", "episodes", "steps", "eval_every", "tests", "lam", "beta"):
+    for name in ("seed", "episodes", "steps", "eval_every", "tests", "fourier", "lam", "beta"):
         metricrl.require(args, name, getattr(args, name) >= 0, "0 or more")
-    metricrl.require(args, "fourier", 0 <= args.fourier <= 16, "in 0..16 (float32: no finer)")
     metricrl.require(args, "batch", args.batch >= 2, "2 or more (the push needs pairs)")
     metricrl.require(args, "epsilon", 0 <= args.epsilon <= 1, "in [0, 1]")
     metricrl.require(args, "critic_only", 0 <= args.critic_only < 1, "in [0, 1)")
@@ -556,18 +554,20 @@ def setup(args):
     env_id = ALIASES.get(args.env, args.env)
     registered = env_id in gymnasium.registry
     if registered and env_id.startswith("FetchReach"):
-        task = Task(env_id, {}, 50, FETCH_STEP, "is_success", 3)
+        task = Task(env_id, {}, 50, 0.05, "is_success", 3)  # success: within 5 cm
     elif registered and env_id.startswith("PointMaze_"):
         spec = gymnasium.spec(env_id)
         task = maze_task(env_id, spec.kwargs["maze_map"], spec.max_episode_steps)
-    else:  # any PointMaze id: the map is gridworld.py's
+    else:  # a map of gridworld.py: a name, a file or the rows
         try:
             world = gridworld.GridWorld(args.env)
         except (ValueError, TypeError) as e:
             raise UsageError(f"--env: {e}; or umaze, medium, large, reach") from None
-        if world.grid.ndim != 2 or world.one_way.any() or len(world.cells) > 200:
-            raise UsageError(f"--env {args.env}: a PointMaze needs a 2-D map, no one-way cell "
-                             "and at most 200 cells (every pair is a test episode)")
+        if world.grid.ndim != 2 or world.one_way.any() or (world.distance_matrix() < 0).any():
+            raise UsageError(f"--env {args.env!r}: a PointMaze needs a connected 2-D map without "
+                             "one-way cells")
+        metricrl.require(args, "env", len(world.cells) <= 200, "200 cells or fewer (every pair "
+                         "is a test episode)")
         walls = np.pad(world.grid == gridworld.WALL, 1, constant_values=True)  # (H + 2, W + 2)
         limit = max(300, 50 * int(world.distance_matrix().max()))
         task = maze_task("PointMaze_UMaze-v3", walls.astype(int).tolist(), limit)

@@ -112,6 +112,25 @@ def test_td_loss_target_by_hand():
     assert loss.item() == pytest.approx(0.3 * (0.9 - 2.0) ** 2, rel=1e-5)
 
 
+class Recording(Constant):
+    """Constant, keeping the last states and goals it was asked about."""
+    def forward(self, s, g):
+        self.asked = s, g
+        return super().forward(s, g)
+
+
+def test_td_goals_are_half_hindsight_for_the_same_transitions():
+    data = fake_data(m=400)
+    v = Recording(0.5)
+    mc.td_loss(v, Constant(0.5), data, mc.Task("x", {}, 10, 0.45, "success", 2),
+               mc.Args(batch=400))
+    s, g = v.asked
+    rows = [int(torch.nonzero((data["s"] == row).all(1))[0]) for row in s]
+    goal_rows = [int(torch.nonzero((data["g2"] == goal).all(1))[0]) for goal in g]
+    later = np.mean([i <= j <= i // 8 * 8 + 7 for i, j in zip(rows, goal_rows)])
+    assert 0.4 < later < 0.7  # half hindsight, and a random state in its episode 1 time in 50
+
+
 def test_hindsight_goals_are_later_states_of_the_same_episode():
     data = fake_data(m=400)
     torch.manual_seed(0)
@@ -334,13 +353,14 @@ def test_a_tiny_run_on_cuda(tmp_path):
 # --------------------------------------------------------------------- command line
 @pytest.mark.parametrize("flags, message", [
     (["--env", "nosuchmaze"], "unknown layout 'nosuchmaze'"),
-    (["--env", "oneway"], "no one-way cell"),
-    (["--env", "hypermaze3s5"], "a 2-D map"),
-    (["--env", "maze25"], "at most 200 cells"),
+    (["--env", "oneway"], "without one-way cells"),
+    (["--env", "hypermaze3s5"], "a connected 2-D map"),
+    (["--env", "..#..\n..#.."], "a connected 2-D map"),  # two rooms, no door
+    (["--env", "maze25"], "--env must be 200 cells or fewer"),
     (["--batch", "1"], "--batch must be 2 or more"),
     (["--gamma", "1"], "--gamma must be in (0, 1)"),
     (["--epsilon", "1.5"], "--epsilon must be in [0, 1]"),
-    (["--fourier", "17"], "--fourier must be in 0..16"),
+    (["--fourier", "-1"], "--fourier must be 0 or more"),
     (["--lr", "nan"], "--lr must be"),
     (["--device", "tpu"], "--device tpu"),
     (["--algo", "sac"], "invalid choice"),

@@ -493,12 +493,12 @@ def plot_maze(fig, axes, task, args, critic, truth, episodes):
     if critic is not None:  # V = gamma^d on a log scale: the colours follow d
         x = np.linspace(extent[0], extent[1], 10 * width)
         y = np.linspace(extent[3], extent[2], 10 * height)  # rows from the top
-        where = torch.tensor(np.stack(np.meshgrid(x, y), axis=-1), dtype=torch.float32)
-        s = goal_state(where.view(-1, 2).to(truth["g"].device), truth["s"].shape[1])
+        where = np.stack(np.meshgrid(x, y), axis=-1).reshape(-1, 2)  # (10 H 10 W, 2) positions
+        where = torch.tensor(where, dtype=torch.float32, device=truth["g"].device)
+        s, g = goal_state(where, truth["s"].shape[1]), truth["g"][goal].expand(len(where), -1)
         with torch.no_grad():
-            d_phi = distance(critic, s, truth["g"][goal].expand(len(s), -1), args)  # (10 H 10 W,)
-        v = metricrl.value(d_phi, args.gamma)
-        shown = axes[0].imshow(v.view(len(y), len(x)).cpu().numpy(), extent=extent, norm="log")
+            v = metricrl.value(distance(critic, s, g, args), args.gamma).cpu().numpy()
+        shown = axes[0].imshow(v.reshape(len(y), len(x)), extent=extent, norm="log")
         fig.colorbar(shown, ax=axes[0], fraction=0.046, pad=0.03, label="V (log scale)")
         axes[0].set_title(r"Learned $V(s, g) = \gamma^{d(s, g)}$ at rest")
     goal_cells = np.array([start["options"]["goal_cell"] for start in truth["starts"]])

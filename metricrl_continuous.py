@@ -429,13 +429,13 @@ def run(args):
         write_files(tmp, task, args, nets, history, metrics)
     if not args.quiet:
         say(f"wrote {os.path.join(out, '')} ({', '.join(OUTPUTS)}) in {seconds:.1f} s")
-        say("\n".join(f"  {key:13s} {metrics[key]:.3f}" for key in METRICS))
+        shown = [key for key in METRICS if not math.isnan(metrics[key])]  # nan: PointMaze's path ratio
+        say("\n".join(f"  {key:13s} {metrics[key]:.3f}" for key in shown))
     return metrics
 
 
 class Progress(metricrl.Progress):
-    """metricrl.py's log (losses summed on the device, no host sync in a step; a line of their
-    means every eval_every steps or 30 s) and at each eval_every a quick evaluation."""
+    """metricrl.py's log (its rows: no host sync in a step), a quick evaluation under each row."""
     def __init__(self, args, nets, task, envs, truth):
         super().__init__(args, nets[0], nets[1], None, None)  # None: no table of metricrl.py's
         self.nets, self.task, self.envs, self.reference = nets, task, envs, truth

@@ -2,7 +2,7 @@
 (their Maze2D) and FetchReach (their Reach). A state and an action are real vectors; no table.
 
     python metricrl_continuous.py --env umaze       # PointMaze_UMaze-v3 (also medium, large)
-    python metricrl_continuous.py --env rooms       # a map of gridworld.py, as a PointMaze
+    python metricrl_continuous.py --env maze9       # a map of gridworld.py, as a PointMaze
     python metricrl_continuous.py --env reach --epsilon 0.5   # FetchReach-v4, half scripted
 metricrl.py's sibling, in its order: 1-7 the method (data, critic, value and advantage, actor,
 baselines, training, evaluation); 8-10 one run, its figure, the command line. Shapes: M
@@ -134,14 +134,14 @@ def run_episodes(task, envs, starts, policy, stop_at_success=False):
 
 
 def collect_dataset(task, args, rng):
-    """--episodes of the behaviour (PointMaze: they end at the environment's goal) -> float32 s, a,
-    s2 (M, S or U), int64 end (M,): each row's episode's last row; the share reaching their goal."""
+    """--episodes of the behaviour, ended at their goal (after it, s' = s: no move to pull to 1)
+    -> float32 s, a, s2 (M, S or U), int64 end (M,): each row's episode's last row; share reached"""
     envs = [task.make() for _ in range(COPIES)]
     policy = functools.partial(behaviour, args, task, rng)
     episodes, tick = [], time.time()
     while len(episodes) < args.episodes:  # blocks of 8 K episodes, a line every 10 s
         seeds = rng.integers(2**31, size=min(args.episodes - len(episodes), 8 * COPIES))
-        episodes += run_episodes(task, envs, [{"seed": int(seed)} for seed in seeds], policy)
+        episodes += run_episodes(task, envs, [{"seed": int(seed)} for seed in seeds], policy, True)
         if not args.quiet and time.time() - tick > 10:
             say(f"collecting data: {len(episodes):,}/{args.episodes:,} episodes")
             tick = time.time()
@@ -155,7 +155,7 @@ def collect_dataset(task, args, rng):
 def cached_dataset(task, args, folder):
     """collect_dataset()'s data, kept in folder, named by a hash of all that defines it."""
     key = [task.env_id, task.kwargs, task.limit, args.data, args.epsilon, args.episodes]
-    key += [args.seed, mujoco.__version__, gymnasium_robotics.__version__, "format 1"]
+    key += [args.seed, mujoco.__version__, gymnasium_robotics.__version__, "format 2"]
     digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:12]
     path = os.path.join(folder, f"{task.env_id}-{digest}.npz")
     if os.path.exists(path):
@@ -429,7 +429,7 @@ def run(args):
         write_files(tmp, task, args, nets, history, metrics)
     if not args.quiet:
         say(f"wrote {os.path.join(out, '')} ({', '.join(OUTPUTS)}) in {seconds:.1f} s")
-        shown = [key for key in METRICS if not math.isnan(metrics[key])]  # nan: PointMaze's path ratio
+        shown = [key for key in METRICS if not math.isnan(metrics[key])]  # PointMaze: no path ratio
         say("\n".join(f"  {key:13s} {metrics[key]:.3f}" for key in shown))
     return metrics
 

@@ -253,6 +253,16 @@ def test_fetch_controller_reaches_every_goal_straight():
     assert all(steps <= 10 for *_, steps in episodes)  # within 15 cm at 5 cm a step, and a lag
 
 
+def test_fetch_data_episodes_end_at_their_goal(few_copies):
+    """After the goal the scripted arm stands still (s' = s): the data stops there, as PointMaze's."""
+    task, _ = mc.setup(mc.Args(env="reach"))
+    args = mc.Args(env="reach", epsilon=0.0, episodes=8, quiet=True)
+    data, reached = mc.collect_dataset(task, args, np.random.default_rng(0))
+    assert reached == 1.0 and len(data["s"]) <= 8 * 10  # not 8 x 50 steps
+    moved = np.linalg.norm(data["s2"][:, :3] - data["s"][:, :3], axis=1)
+    assert moved.min() > 0.005  # every transition a move, none standing at the goal
+
+
 # ------------------------------------------------------------------------ training
 class StartAfterEachStep:
     """train()'s log for a watch: start() as each step ends."""

@@ -1,4 +1,4 @@
-"""The README's sweeps of metricrl.py runs, and Agent, a finished run's policy (model.pt).
+"""The sweeps behind the tables in docs/ (metricrl.py runs), and Agent, a run's policy (model.pt).
 
 --compare runs methods x data qualities x maps; --assumptions, runs where one of MetricRL's
 assumptions breaks, and its fixes; --observations, each map from one-hot cells, coordinates
@@ -239,11 +239,13 @@ def sweep(args, name, given=()):
             cells.append((label, cell))
     done = sum(finished(cell) is not None for _, cell in cells)
     say(f"--{name}: {len(cells)} run(s) in {root}, {done} done before")
-    results = {}
+    results, spent = {}, []  # spent: the seconds of each run made now, for the time left
     for k, (label, cell) in enumerate(cells, 1):
         metrics = finished(cell) or dict(module.run(cell), fresh=True)
         results.setdefault(label, []).append(metrics)
-        say(run_line(k, len(cells), cell, metrics))
+        if "fresh" in metrics:
+            spent.append(metrics["seconds"])
+        say(run_line(k, len(cells), cell, metrics, spent))
     table = sweep_table(args, SWEEPS[name], results, metrics["device"])
     with metricrl.staged(root, (f"{name}.md", f"{name}.png")) as tmp:
         with open(os.path.join(tmp, f"{name}.md"), "w", encoding="utf-8") as f:
@@ -268,8 +270,8 @@ def finished(cell):
     return None
 
 
-def run_line(k, total, cell, metrics):
-    """A sweep's progress line for its k-th run."""
+def run_line(k, total, cell, metrics, spent):
+    """A sweep's progress line for its k-th run; the time left from the mean run made so far."""
     critic = "critic success", metrics.get("critic_success_rate", math.nan)
     if "critic_success_rate" not in metrics:  # metricrl_continuous.py's: the critic's Spearman
         critic = "spearman", metrics["spearman"]
@@ -277,7 +279,7 @@ def run_line(k, total, cell, metrics):
     scores = scores.replace("nan", "  —")
     left = "done before"
     if "fresh" in metrics:
-        left = f"about {(total - k) * metrics['seconds'] / 60:.1f} min left"
+        left = f"about {(total - k) * np.mean(spent) / 60:.1f} min left"
     folder = os.path.basename(cell.out)
     return f"[{k:3d}/{total}] {folder:40s} {scores}  {metrics['seconds']:5.1f} s | {left}"
 

@@ -1,7 +1,7 @@
 """MetricRL (Reichlin et al., arXiv 2402.10820) on a gridworld, measured exactly against BFS.
 
     python metricrl.py --env maze [--device cuda]   # one run; --help lists every knob
-    python experiments.py --compare --env maze      # the README's sweeps
+    python experiments.py --compare --env maze      # the sweeps of docs/results.md
 Read it beside the paper. Sections 1-7, the method in the paper's order: data, critic, value
 and advantage, actor, baselines, training, exact evaluation; 8-10: one run, its figure, the
 command line. A layer for phi: build_critic(); a map: gridworld.LAYOUTS, or a file for --env.
@@ -57,7 +57,7 @@ class Args:  # each knob's comment is its --help text
     beta: float = 6.0  # inverse temperature of the exp weights
     w_max: float = 1000.0  # clip of the exp weights: at beta 6, it binds for A > 1.15 steps
     goals: Literal["auto", "uniform", "random", "hindsight"] = "auto"  # auto: hindsight for gcbc
-    actions: Literal["auto", "one", "all"] = "auto"  # pi's per (s, g): one, or all at s (README)
+    actions: Literal["auto", "one", "all"] = "auto"  # one per (s, g), or all at s (hypermaze.md)
     expectile: float = 0.7  # td: expectile of the TD target
     steps: int = 0  # gradient steps in all; 0: 2,600 (--critic exact: 16 per cell, at least that)
     critic_only: float = 0.2  # share of the steps that train the critic alone (not gcbc, bfs)
@@ -186,7 +186,7 @@ def build_critic(env, args, x):
 
 def build(env, args, device):
     """The observations x (N, ...), the critic (or None) and the actor, on the device. --hidden
-    0: 128 units, phi's and pi's, 256 past 4 actions (3^d logits: 128 held pi back, README)."""
+    0: 128 units, phi's and pi's, 256 past 4 actions (128 held pi back: docs/hypermaze.md)."""
     wide = len(env.moves) > 4
     args = dataclasses.replace(args, hidden=args.hidden or (256 if wide else 128))
     x = cell_features(env, args)
@@ -203,7 +203,7 @@ def build(env, args, device):
 @torch.no_grad()
 def actor_input(critic, x, args):
     """What the actor reads: x; with images and a learned critic, the critic's CNN features (N, F),
-    standardized: a torso shared, trained by the critic's loss (departure: README)."""
+    standardized: a torso shared, trained by the critic's loss (departure: docs/observations.md)."""
     if args.features != "image" or args.algo == "gcbc" or args.critic == "bfs":
         return x
     cnn = critic.torso if args.algo == "td" else critic[0]
@@ -380,8 +380,8 @@ def td_loss(v, v_target, x, s, s2, g, args):
 
 # ========================================================== 6. training (Algorithm 1)
 TARGET_RATE = 0.5  # td: V_target moves this share of the way to V after each step (tuned)
-EXACT_DUAL_RATE, EXACT_DUAL_MAX = 1e4, 1e6  # exact: mu += rate * violation, to a cap (README)
-EXACT_LR, EXACT_BETAS = 0.2, (0.5, 0.9)  # --critic exact's Adam (measured: README); lr falls
+EXACT_DUAL_RATE, EXACT_DUAL_MAX = 1e4, 1e6  # mu += rate * violation, capped (docs/exact-critic.md)
+EXACT_LR, EXACT_BETAS = 0.2, (0.5, 0.9)  # --critic exact's Adam (docs/history.md); lr falls
 
 
 def critic_step(critic, x, data, counts, args, memory):
@@ -653,7 +653,10 @@ def run(args):
         data = collect_dataset(env, args, np.random.default_rng(args.seed))
         data = {key: column.to(device) for key, column in data.items()}
         truth = ground_truth(env, args, device)
-        coverage = data_coverage(data, env)
+        cells = torch.unique(torch.cat([data["s"], data["s2"]]))  # the data's coverage
+        moves = torch.unique(len(env.moves) * data["s"] + data["a"])  # (s, a) as one index
+        coverage = {"transitions": len(data["s"]), "cell_coverage": len(cells) / len(env.cells),
+                    "edge_coverage": len(moves) / env.transitions().size}
         x, critic, actor = build(env, args, device)
         if not args.quiet:
             steps = with_budgets(args, len(x)).steps
@@ -674,22 +677,17 @@ def run(args):
     return metrics
 
 
-def data_coverage(data, env):
-    """The data's transitions, and the shares of the cells and of the moves it covers."""
-    cells = torch.unique(torch.cat([data["s"], data["s2"]]))
-    moves = torch.unique(len(env.moves) * data["s"] + data["a"])  # (s, a) as one index
-    return {"transitions": len(data["s"]), "cell_coverage": len(cells) / len(env.cells),
-            "edge_coverage": len(moves) / env.transitions().size}
-
-
 class Progress:
     """train()'s log: losses summed on the device (no host sync in a step), a row of means."""
     def __init__(self, args, critic, actor, x, truth):
         self.args, self.critic, self.actor, self.x, self.truth = args, critic, actor, x, truth
         self.totals, self.counts, self.history = {}, {}, []  # per key: losses' sum, steps; rows
         self.tick, self.last = time.time(), 0  # when and at which step the last row was
+        self.phase = (set(), time.time(), 0)  # the losses trained, since when, from which step
 
     def add(self, step, info):
+        if set(info) != self.phase[0]:  # the actor starts: slower steps, timed from here on
+            self.phase = (set(info), time.time(), step - 1)
         for key, loss in info.items():
             self.totals[key] = self.totals.get(key, 0) + loss.detach()
             self.counts[key] = self.counts.get(key, 0) + 1
@@ -708,13 +706,15 @@ class Progress:
             seen = actor_input(self.critic, self.x, self.args)
             row.update(evaluate(dz, self.actor, seen, self.truth, self.args.slip))
         self.history.append(row)
-        if not self.args.quiet:
-            report(row, self.args)
+        phase, since, first = self.phase  # time left: a step's mean time since the actor began,
+        left = (self.args.steps - step) * (time.time() - since) / max(step - first, 1) / 60
+        if not self.args.quiet:  # evaluations in (smooth); before the actor, not known yet
+            report(row, self.args, left if "actor_loss" in phase else None)
         self.totals, self.counts = {}, {}
         self.tick, self.last = time.time(), step
 
 
-def report(row, args):
+def report(row, args, minutes_left=None):
     """A progress line: mean losses since the last, speed, exact metrics, time left."""
     line = f"step {row['step']:6d}/{args.steps}"
     for name in ("critic", "actor"):
@@ -726,8 +726,7 @@ def report(row, args):
     if not math.isnan(row.get("critic_success_rate", math.nan)):  # and a critic
         line += f"  critic success {row['critic_success_rate']:.3f}"
         line += f"  |d_phi - d| {row['distance_error']:.3f}  max {row['distance_error_max']:.3f}"
-    minutes_left = (args.steps - row["step"]) / row["steps_per_s"] / 60
-    if minutes_left > 1:
+    if minutes_left is not None and minutes_left > 1:
         line += f" | about {minutes_left:.1f} min left"
     say(line)
 
@@ -794,18 +793,17 @@ def plot_run(folder, env, args, x, critic, actor, data, truth, history, metrics)
     plot_learning(fig, bottom, env, args, d, dz, critic, x, goal, to_goal, history, kind)
     title = f"{run_name(args)} ({len(x)} cells, {len(data['s'])} transitions of data, ε = "
     title += f"{args.epsilon})\nOver all pairs: success {metrics['success_rate']:.3f}"
-    if args.holdout > 0:  # and over the pairs with a held-out end
-        title += f" (pairs with a held-out end: {metrics['success_unseen']:.3f})"
     if dz is not None:
         title += f", critic success {metrics['critic_success_rate']:.3f}"
-        if args.holdout > 0:
-            title += f" (unseen {metrics['critic_success_unseen']:.3f})"
         title += f", monotonicity {metrics['monotonicity']:.3f}"
+    if args.holdout > 0:  # and over the pairs with a held-out end (no critic: nan)
+        title += f"; with a held-out end: success {metrics['success_unseen']:.3f}, critic "
+        title += f"{metrics['critic_success_unseen']:.3f}"
     title += f". Top row: one far goal g = {tuple(env.cells[goal].tolist())}"
     if env.grid.ndim > 2:
         title += ", the slice through it (x_0 down, x_1 across; arrows: moves' x_0, x_1 steps)"
     fig.suptitle(title, size=13)
-    fig.subplots_adjust(left=0.035, right=0.965, bottom=0.07, top=0.9, wspace=0.32, hspace=0.24)
+    fig.subplots_adjust(left=0.035, right=0.955, bottom=0.07, top=0.9, wspace=0.34, hspace=0.24)
     fig.savefig(os.path.join(folder, "metricrl.png"), dpi=70)
 
 
@@ -834,9 +832,12 @@ def plot_policy(fig, ax, env, args, actor, x, truth, goal, to_goal):
 def plot_learning(fig, axes, env, args, d, dz, critic, x, goal, to_goal, history, kind):
     """The exact metrics and losses in training; learned vs true distance; phi on 2 axes."""
     a_dist, a_phi, a_metrics, a_losses = axes
+    a_actor = a_losses.twinx()  # the actor's own scale: its first rows dwarf the critic's
+    a_actor.set_prop_cycle(color=["tab:red"])
     curves = {a_metrics: ("success_rate", "critic_success_rate", "optimal_action_rate",
                           "monotonicity"),
-              a_losses: ("positive", "negative", "td_loss", "push", "violation", "actor_loss")}
+              a_losses: ("positive", "negative", "td_loss", "push", "violation"),
+              a_actor: ("actor_loss",)}
     if args.algo != "gcbc" and args.critic != "bfs":
         start = args.critic_only * history[-1]["step"]
         a_metrics.axvline(start, color="0.5", ls=":", label="actor starts")
@@ -846,9 +847,12 @@ def plot_learning(fig, axes, env, args, d, dz, critic, x, goal, to_goal, history
             if rows:
                 ax.plot([row["step"] for row in rows], [row[key] for row in rows], "o-", ms=3,
                         label=key)
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8, loc="upper right" if ax is a_actor else "center right")
     a_metrics.set(title="Exact metrics during training", xlabel="gradient step", ylim=(0, 1.02))
-    a_losses.set(title="Losses (mean since the last point)", xlabel="gradient step")
+    a_losses.set(title="Losses (means since the last point)", xlabel="step", ylabel="critic")
+    a_actor.set_yscale("symlog")  # it falls tenfold after its first steps (linear weights: below 0)
+    a_actor.set_ylabel("actor (symmetric log scale)", color="tab:red")
     if dz is None:
         show_map(fig, a_dist, env, None, f"{args.algo} has no critic", "", "", goal)
     else:  # the learned distance against the true one: the median and 10-90% of the pairs
@@ -876,11 +880,11 @@ def plot_embedding(fig, ax, env, critic, x, args, goal, to_goal):
     nxt = env.transitions()[:, np.abs(env.moves).sum(1) == 1]  # (N, 2D) the axis moves (2-D: all)
     edges = np.stack([np.repeat(np.arange(len(z)), nxt.shape[1]), nxt.ravel()], axis=1)
     edges = edges[edges[:, 0] != edges[:, 1]]  # (E, 2) the moves that move, drawn both ways
-    ax.add_collection(LineCollection(xy[edges], color="0.8", lw=0.8, zorder=0))
-    dots = ax.scatter(xy[:, 0], xy[:, 1], c=to_goal, s=18, plotnonfinite=True)
+    ax.add_collection(LineCollection(xy[edges], color="k", lw=0.8, alpha=0.5, zorder=3))  # above
+    dots = ax.scatter(xy[:, 0], xy[:, 1], c=to_goal, s=30, plotnonfinite=True, zorder=2)
     fig.colorbar(dots, ax=ax, fraction=0.046, pad=0.03, label="true distance to g")
     ax.plot(xy[goal, 0], xy[goal, 1], "*", color="white", ms=18, mec="k")
-    ax.set(title="φ(s) on 2 principal axes (lines: axis moves)", xlabel="PC 1", ylabel="PC 2")
+    ax.set(title="φ(s) on 2 principal axes (black: axis moves)", xlabel="PC 1", ylabel="PC 2")
 
 
 # =================================================== 10. files, checkpoints, command line
@@ -901,8 +905,7 @@ def staged(out, names):
 
 
 def write_files(folder, env, args, critic, actor, history, metrics):
-    """model.pt, a plain dict: the networks, the flags and the map that made them, the log;
-    log.csv, a row per progress line, a column per key that any row has; metrics.json."""
+    """model.pt (networks, flags, map, log), log.csv (a row per progress line), metrics.json."""
     ckpt = {"actor": actor.state_dict(), "history": history, "args": dataclasses.asdict(args),
             "layout": env.layout, "critic": critic.state_dict() if critic is not None else None}
     torch.save(ckpt, os.path.join(folder, "model.pt"))
@@ -994,16 +997,15 @@ def pick_device(name):
     allowed = ["auto", "cpu", *(f"cuda:{i}" for i in range(gpus))] + ["cuda"] * (gpus > 0)
     if name in allowed:
         return torch.device(name.replace("auto", "cuda" if gpus else "cpu"))
-    if gpus:
-        raise UsageError(f"--device {name}: here auto, cpu, cuda or cuda:0 to cuda:{gpus - 1}")
-    raise UsageError(f"--device {name}: here auto, cpu (CUDA is not available, torch "
-                     f"{torch.__version__})")
+    cuda = f", cuda or cuda:0 to cuda:{gpus - 1}"  # or why there is none
+    cuda = cuda if gpus else f" (CUDA is not available, torch {torch.__version__})"
+    raise UsageError(f"--device {name}: here auto, cpu{cuda}")
 
 
 def with_budgets(args, n):
-    """Set-up: --steps, --eval-every, --actor-batch 0 set by N cells (departures): 2,600 steps, or
-    with --critic exact 16 N if more (exact by step 1,000 on maze, 4,000 on maze25, 20,000 on
-    maze51); evaluations every 500, or 500 per 2,600 steps; max(1,024, N^2 / 32) actor samples."""
+    """--steps, --eval-every, --actor-batch 0 by N cells (departures): 2,600 steps, --critic exact
+    16 N if more (exact by 1,000 steps on maze, 4,000 maze25, 20,000 maze51); evaluations every
+    500, or 500 per 2,600 steps; max(1,024, N^2 / 32) actor samples."""
     exact = 16 * n if args.critic == "exact" else 0
     steps = args.steps or max(2600, exact)
     every = args.eval_every or max(500, steps * 500 // 2600)
@@ -1066,12 +1068,8 @@ def run_name(args, base=None):
         named = field.name in ("env", "algo", "seed", "device", "out", "quiet")
         if named or setting == getattr(base, field.name):  # named already, or changes nothing
             continue
-        if setting is True:
-            name.append(flag)
-        elif type(setting) is float:
-            name.append(f"{flag}={setting:g}")
-        else:
-            name.append(f"{flag}={setting}")
+        shown = f"{setting:g}" if type(setting) is float else setting  # 0.5, not 0.50
+        name.append(flag if setting is True else f"{flag}={shown}")
     return "-".join([*name, f"s{args.seed}"])
 
 

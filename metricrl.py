@@ -686,8 +686,8 @@ class Progress:
         self.phase = (set(), time.time(), 0)  # the losses trained, since when, from which step
 
     def add(self, step, info):
-        if set(info) != self.phase[0]:  # the actor starts: slower steps, timed from here on
-            self.phase = (set(info), time.time(), step - 1)
+        if set(info) != self.phase[0]:  # the actor starts: slower steps, timed after this one
+            self.phase = (set(info), time.time(), step)
         for key, loss in info.items():
             self.totals[key] = self.totals.get(key, 0) + loss.detach()
             self.counts[key] = self.counts.get(key, 0) + 1

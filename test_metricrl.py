@@ -1271,6 +1271,53 @@ def test_a_tiny_map_learns_from_observations(tmp_path, features, knobs):
 
 
 # ------------------------------------------------------------------ a run end to end
+def test_time_left_is_the_mean_step_since_the_actor_began(monkeypatch):
+    """No time left while the critic trains alone; then the steps left times the mean time of a
+    step since the actor's first (a slow stretch then a fast one: not the last rows' speed)."""
+    clock, said = [0.0], []
+
+    def now():
+        return clock[0]
+
+    def report(row, args, minutes_left=None):
+        said.append(minutes_left)
+
+    monkeypatch.setattr(metricrl.time, "time", now)
+    monkeypatch.setattr(metricrl, "report", report)
+    log = metricrl.Progress(Args(steps=100, eval_every=10), None, None, None, None)
+    loss = torch.tensor(1.0)
+    for step in range(1, 61):
+        info = {"critic_loss": loss}
+        if step > 20:  # the actor's steps: 1 s each up to step 50, then 0.1 s
+            info["actor_loss"] = loss
+        clock[0] += 0.1 if step <= 20 or step > 50 else 1.0
+        log.add(step, info)
+    assert said[:2] == [None, None]  # steps 10 and 20: the critic alone
+    per_step = (29 * 1.0 + 10 * 0.1) / 39  # steps 22 to 60: timed from the actor's first
+    assert said[-1] == pytest.approx(40 * per_step / 60)  # 40 steps left, in minutes
+
+
+def test_the_figure_draws_moves_above_the_cells_and_the_actor_on_its_own_axis(tmp_path,
+                                                                              monkeypatch):
+    drawn, savefig = [], metricrl.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        drawn.append(fig)
+        savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(metricrl.Figure, "savefig", keep)
+    metricrl.main(["--env", tiny_map(tmp_path), "--out", str(tmp_path / "a"), *TINY])
+    axes = {ax.get_title(): ax for ax in drawn[0].axes}
+    phi = next(ax for title, ax in axes.items() if title.startswith("φ(s)"))
+    assert phi.collections[0].get_zorder() > phi.collections[1].get_zorder()  # moves, cells
+    losses = axes["Losses (means since the last point)"]
+    same_place = [ax for ax in drawn[0].axes if ax.bbox.bounds == losses.bbox.bounds]
+    actor = [ax for ax in same_place if ax is not losses]  # its twin
+    assert [line.get_label() for line in actor[0].lines] == ["actor_loss"]
+    assert "actor_loss" not in [line.get_label() for line in losses.lines]
+    assert actor[0].get_yscale() == "symlog"
+
+
 def test_end_to_end_outputs_reload_and_same_seed(tmp_path):
     env = tiny_map(tmp_path)
     m1 = metricrl.main(["--env", env, "--out", str(tmp_path / "a"), *TINY])
@@ -1331,14 +1378,14 @@ def no_figure(folder, *rest):
     (Path(folder) / "metricrl.png").write_bytes(b"")
 
 
-def test_readme_exercises_run_as_written(tmp_path, monkeypatch):
-    """Every command in the README's Exercises runs with the knobs it names (few steps here)."""
+def test_exercises_run_as_written(tmp_path, monkeypatch):
+    """Every command of docs/exercises.md runs with the knobs it names (few steps here)."""
     monkeypatch.setattr(metricrl, "plot_run", no_figure)
-    text = (Path(HERE) / "README.md").read_text()
-    section = text.split("## Exercises")[1].split("\n## ")[0]
+    text = (Path(HERE) / "docs" / "exercises.md").read_text(encoding="utf-8")
+    section = text.split("## For teachers")[0]
     commands = [line.strip() for line in section.splitlines()
                 if line.strip().startswith("python metricrl.py ")]
-    assert 6 <= len(re.findall(r"^\d+\. \*\*", section, re.M)) <= 12 and len(commands) >= 8
+    assert 6 <= len(re.findall(r"^## \d+\. ", section, re.M)) <= 12 and len(commands) >= 8
     for i, command in enumerate(commands):
         argv = shlex.split(command)[2:]
         metrics = metricrl.main([*argv, "--steps", "30", "--eval-every", "30", "--quiet",

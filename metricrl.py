@@ -851,8 +851,7 @@ def plot_learning(fig, axes, env, args, d, dz, critic, x, goal, to_goal, history
             ax.legend(fontsize=8, loc="upper right" if ax is a_actor else "center right")
     a_metrics.set(title="Exact metrics during training", xlabel="gradient step", ylim=(0, 1.02))
     a_losses.set(title="Losses (means since the last point)", xlabel="step", ylabel="critic")
-    a_actor.set_yscale("symlog")  # it falls tenfold after its first steps (linear weights: below 0)
-    a_actor.set_ylabel("actor (symmetric log scale)", color="tab:red")
+    a_actor.set_ylabel("actor (its own scale)", color="tab:red")
     if dz is None:
         show_map(fig, a_dist, env, None, f"{args.algo} has no critic", "", "", goal)
     else:  # the learned distance against the true one: the median and 10-90% of the pairs
@@ -880,7 +879,8 @@ def plot_embedding(fig, ax, env, critic, x, args, goal, to_goal):
     nxt = env.transitions()[:, np.abs(env.moves).sum(1) == 1]  # (N, 2D) the axis moves (2-D: all)
     edges = np.stack([np.repeat(np.arange(len(z)), nxt.shape[1]), nxt.ravel()], axis=1)
     edges = edges[edges[:, 0] != edges[:, 1]]  # (E, 2) the moves that move, drawn both ways
-    ax.add_collection(LineCollection(xy[edges], color="k", lw=0.8, alpha=0.5, zorder=3))  # above
+    alpha = min(0.6, 400 / len(edges))  # a hypermaze's thousands of moves: fainter
+    ax.add_collection(LineCollection(xy[edges], color="k", lw=0.8, alpha=alpha, zorder=3))  # above
     dots = ax.scatter(xy[:, 0], xy[:, 1], c=to_goal, s=30, plotnonfinite=True, zorder=2)
     fig.colorbar(dots, ax=ax, fraction=0.046, pad=0.03, label="true distance to g")
     ax.plot(xy[goal, 0], xy[goal, 1], "*", color="white", ms=18, mec="k")

@@ -1315,7 +1315,6 @@ def test_the_figure_draws_moves_above_the_cells_and_the_actor_on_its_own_axis(tm
     actor = [ax for ax in same_place if ax is not losses]  # its twin
     assert [line.get_label() for line in actor[0].lines] == ["actor_loss"]
     assert "actor_loss" not in [line.get_label() for line in losses.lines]
-    assert actor[0].get_yscale() == "symlog"
 
 
 def test_end_to_end_outputs_reload_and_same_seed(tmp_path):

@@ -796,9 +796,8 @@ def plot_run(folder, env, args, x, critic, actor, data, truth, history, metrics)
     if dz is not None:
         title += f", critic success {metrics['critic_success_rate']:.3f}"
         title += f", monotonicity {metrics['monotonicity']:.3f}"
-    if args.holdout > 0:  # and over the pairs with a held-out end (no critic: nan)
-        title += f"; with a held-out end: success {metrics['success_unseen']:.3f}, critic "
-        title += f"{metrics['critic_success_unseen']:.3f}"
+    if args.holdout > 0:  # and over the pairs with a held-out end (the critic's: metrics.json)
+        title += f"; pairs with a held-out end: success {metrics['success_unseen']:.3f}"
     title += f". Top row: one far goal g = {tuple(env.cells[goal].tolist())}"
     if env.grid.ndim > 2:
         title += ", the slice through it (x_0 down, x_1 across; arrows: moves' x_0, x_1 steps)"
@@ -834,10 +833,9 @@ def plot_learning(fig, axes, env, args, d, dz, critic, x, goal, to_goal, history
     a_dist, a_phi, a_metrics, a_losses = axes
     a_actor = a_losses.twinx()  # the actor's own scale: its first rows dwarf the critic's
     a_actor.set_prop_cycle(color=["tab:red"])
-    curves = {a_metrics: ("success_rate", "critic_success_rate", "optimal_action_rate",
-                          "monotonicity"),
-              a_losses: ("positive", "negative", "td_loss", "push", "violation"),
-              a_actor: ("actor_loss",)}
+    shown = ("success_rate", "critic_success_rate", "optimal_action_rate", "monotonicity")
+    terms = ("positive", "negative", "td_loss", "push", "violation")  # the critics' losses
+    curves = {a_metrics: shown, a_losses: terms, a_actor: ("actor_loss",)}
     if args.algo != "gcbc" and args.critic != "bfs":
         start = args.critic_only * history[-1]["step"]
         a_metrics.axvline(start, color="0.5", ls=":", label="actor starts")
@@ -879,8 +877,8 @@ def plot_embedding(fig, ax, env, critic, x, args, goal, to_goal):
     nxt = env.transitions()[:, np.abs(env.moves).sum(1) == 1]  # (N, 2D) the axis moves (2-D: all)
     edges = np.stack([np.repeat(np.arange(len(z)), nxt.shape[1]), nxt.ravel()], axis=1)
     edges = edges[edges[:, 0] != edges[:, 1]]  # (E, 2) the moves that move, drawn both ways
-    alpha = min(0.6, 400 / len(edges))  # a hypermaze's thousands of moves: fainter
-    ax.add_collection(LineCollection(xy[edges], color="k", lw=0.8, alpha=alpha, zorder=3))  # above
+    lines = LineCollection(xy[edges], color="k", lw=0.8, zorder=3)  # above the cells
+    ax.add_collection(lines).set_alpha(min(0.6, 400 / len(edges)))  # hypermazes: fainter
     dots = ax.scatter(xy[:, 0], xy[:, 1], c=to_goal, s=30, plotnonfinite=True, zorder=2)
     fig.colorbar(dots, ax=ax, fraction=0.046, pad=0.03, label="true distance to g")
     ax.plot(xy[goal, 0], xy[goal, 1], "*", color="white", ms=18, mec="k")
@@ -1068,8 +1066,12 @@ def run_name(args, base=None):
         named = field.name in ("env", "algo", "seed", "device", "out", "quiet")
         if named or setting == getattr(base, field.name):  # named already, or changes nothing
             continue
-        shown = f"{setting:g}" if type(setting) is float else setting  # 0.5, not 0.50
-        name.append(flag if setting is True else f"{flag}={shown}")
+        if setting is True:
+            name.append(flag)
+        elif type(setting) is float:
+            name.append(f"{flag}={setting:g}")
+        else:
+            name.append(f"{flag}={setting}")
     return "-".join([*name, f"s{args.seed}"])
 
 

@@ -175,8 +175,8 @@ def build_critic(env, args, x):
     if args.algo == "td":
         return PairNet(f, args.hidden, outputs=1, torso=layers)
     if args.critic == "bfs":  # the BFS distance as a frozen table: an oracle
-        d = torch.tensor(env.distance_matrix(), dtype=torch.float32)
-        return nn.Embedding.from_pretrained(d)
+        d = torch.tensor(env.distance_matrix(), dtype=torch.float32)  # -1: no path from s to g
+        return nn.Embedding.from_pretrained(d.where(d >= 0, float(len(env.cells))))  # then N
     if args.critic == "exact":  # linear, k = N (+ 1 super-state): a table on one-hot cells
         return nn.Sequential(*layers, nn.Linear(f, len(env.cells) + args.super_state, bias=False))
     h = args.hidden  # phi: F -> k, an MLP (departure: theirs is residual); add layers here

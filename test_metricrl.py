@@ -1057,6 +1057,19 @@ def test_critic_bfs_gives_the_optimal_policy_on_a_tiny_maze():
     assert rows[-1]["critic_success_rate"] == 1.0 and rows[-1]["spearman"] == pytest.approx(1.0)
 
 
+def test_critic_bfs_puts_a_goal_out_of_reach_farthest_not_nearest():
+    """A pair with no path was -1 in the oracle's table, the nearest of all: the advantage of a
+    move into a cell the goal cannot be reached from was d + 1, and the critic's own greedy
+    policy walked there. Now such a pair is N away."""
+    env, args, data, x, critic, actor = tiny_run("#####\n#.>.#\n#####", critic="bfs")
+    d = torch.as_tensor(np.array(env.distance_matrix()))  # past the arrow, the left is gone
+    dz = metricrl.critic_distances(critic, x, args)
+    assert d[1, 0] == d[2, 0] == -1 and (dz[d < 0] == len(env.cells)).all()
+    assert torch.equal(dz[d >= 0], d[d >= 0].float())
+    s, s2, g = torch.tensor([0]), torch.tensor([1]), torch.tensor([0])  # a step off the goal
+    assert metricrl.actor_weights(critic, x, None, s, s2, g, args).item() < 1  # A = 0 - 1
+
+
 def trained_distances(layout, seed=0, **knobs):
     """A critic trained alone on a tiny map (after the data is collected, the map's BFS answers
     raise: the critic learns from the data alone), its distances and BFS's."""

@@ -52,7 +52,7 @@ class Args:  # each knob's comment is its --help text
     critic: Literal["paper", "exact", "bfs"] = "paper"  # the paper's; exact: learns d; bfs: oracle
     lam: float = 1.0  # lambda, weight of the negative (push) term
     metric: Literal["euclidean", "quasimetric"] = "euclidean"  # d_phi; quasimetric: asymmetric
-    gamma: float = 0.99  # discount in V(s, g) = gamma^d(s, g)
+    gamma: float = 0.99  # td's discount; MetricRL's A = d - d' ignores it (the figure's V uses it)
     weighting: Literal["exp", "linear"] = "exp"  # linear: w = A (the authors' code)
     beta: float = 6.0  # inverse temperature of the exp weights
     w_max: float = 1000.0  # clip of the exp weights: at beta 6, it binds for A > 1.15 steps
@@ -61,8 +61,8 @@ class Args:  # each knob's comment is its --help text
     expectile: float = 0.7  # td: expectile of the TD target
     steps: int = 0  # gradient steps in all; 0: 2,600 (--critic exact: 16 per cell, at least that)
     critic_only: float = 0.2  # share of the steps that train the critic alone (not gcbc, bfs)
-    actor_batch: int = 0  # (transition, goal) samples per actor step; 0: max(1,024, N^2 / 32)
-    lr: float = 3e-3  # Adam learning rate; the actor's falls to 0 (learning_rates())
+    actor_batch: int = 0  # (s, g) samples an actor step (and td's critic); 0: max(1024, N^2/32)
+    lr: float = 3e-3  # Adam learning rate; the actor's falls linearly to lr / its steps
     eval_every: int = 0  # exact evaluation every this many steps; 0: 500, past 2,600 steps more
     out: str = ""  # output folder (default: runs/<map>-<algo>-<knobs changed>-s<seed>)
     quiet: bool = False  # print nothing (the files are written all the same)

@@ -270,10 +270,14 @@ def _transitions(layout):
 
 @functools.lru_cache(maxsize=16)
 def _distances(layout):
-    """All-pairs BFS, all sources at once: d[i, j] = fewest actions from i to j, or -1. A BFS
-    level is one row gather per action: target j joins source i's frontier if a predecessor k
-    (nxt[k, a] = j) was in it; the sources packed 8 a byte. No per-pair Python work."""
-    _, _, nxt = _transitions(layout)
+    """The map's all-pairs BFS, cached, read-only."""
+    return _frozen(bfs(_transitions(layout)[2]))
+
+
+def bfs(nxt):
+    """All-pairs BFS over the moves nxt (N, A), all sources at once: d[i, j] = fewest actions
+    from i to j, or -1. A BFS level is one row gather per action: target j joins source i's
+    frontier if a predecessor k (nxt[k, a] = j) was in it; the sources packed 8 a byte."""
     n = len(nxt)
     pred = np.full((n + 1, nxt.shape[1]), n)  # pred[j, a]: the cell a moves into j (n: none)
     k, a = np.nonzero(nxt != np.arange(n)[:, None])
@@ -289,7 +293,16 @@ def _distances(layout):
         frontier = step & ~reached
         reached |= frontier
         level += 1
-    return _frozen(np.ascontiguousarray(dist.T))  # (source, target)
+    return np.ascontiguousarray(dist.T)  # (source, target)
+
+
+def shortest_moves(nxt, d, s, g):
+    """Cell indices s, g (B,) -> (B, A) bool: the actions a from s on a shortest path to g over
+    the moves nxt (N, A) with their BFS d (N, N), d(next(s, a), g) = d(s, g) - 1."""
+    after = nxt[s]  # (B, A) the next cells
+    to_go = d[s, g][:, None]  # (B, 1) d(s, g); -1: out of reach
+    closer = d[after, g[:, None]] == to_go - 1  # (B, A)
+    return closer & (to_go > 0)
 
 
 # ---------------------------------------------------------------------- environment
@@ -337,11 +350,7 @@ class GridWorld(gymnasium.Env):
         if s is None:
             return self.optimal_actions(*np.divmod(np.arange(n * n), n)).reshape(n, n, -1)
         s, g = np.asarray(s), np.asarray(g)
-        d = self.distance_matrix()
-        after = self.transitions()[s]  # (B, A) the next cells
-        to_go = d[s, g][:, None]  # (B, 1) d(s, g)
-        closer = d[after, g[:, None]] == to_go - 1  # (B, A)
-        return closer & (to_go > 0)
+        return shortest_moves(self.transitions(), self.distance_matrix(), s, g)
 
     def cell_indices(self, rc):
         """Coordinates (B, D), ints -> cell indices (B,); one cell's (D,) -> an int.
@@ -435,6 +444,18 @@ class GridWorld(gymnasium.Env):
         colors[self.grid[plane] == WALL] = 40
         colors[self.one_way[plane]] = [235, 200, 120]
         return colors
+
+    def data_map(self, held, split=False):
+        """The moves an offline dataset can make, (N, A), and their BFS, (N, N): a held-out cell
+        (held (N,) bool) is a wall; split: a move across the map's left and right halves stays."""
+        nxt, here = self.transitions(), np.arange(len(self.cells))[:, None]
+        if not held.any() and not split:
+            return nxt, self.distance_matrix()
+        if split:
+            right = 2 * self.cells[:, 1] >= self.width  # (N,)
+            nxt = np.where(right[nxt] != right[here], here, nxt)
+        nxt = np.where(held[nxt], here, nxt)
+        return nxt, bfs(nxt)
 
     @functools.lru_cache(maxsize=4)  # maze51: seconds of checks
     def held_out(self, share, seed):

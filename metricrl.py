@@ -76,19 +76,19 @@ def default_episodes(n, actions, length):
 
 def collect_dataset(env, args, rng):
     """E trajectories of T steps at once: a random action with probability epsilon, else an optimal
-    one to a target cell (redrawn when reached) -> int64 s, a, s2, episode, t, each (M = E T,),
-    in time order: transition (e, t) is row t * E + e."""
-    nxt = env.transitions()  # (N, A) the next cell of each cell and action
+    one to a target cell (redrawn when reached or out of the data's reach) -> int64 s, a, s2,
+    episode, t, each (M = E T,), in time order: transition (e, t) is row t * E + e."""
+    held = env.held_out(args.holdout, args.seed)  # (N,) bool: cells the data never visits
+    split = args.data == "split"  # a move across the map's two halves stays in place
+    nxt, d = env.data_map(held, split)  # (N, A), (N, N): held-out cells are walls, and the split
     n, actions = nxt.shape
     e = args.episodes or default_episodes(n, actions, args.episode_len)
-    right_half = 2 * env.cells[:, 1] >= env.width  # (N,), for --data split
-    held = env.held_out(args.holdout, args.seed)  # (N,) bool: cells the data never visits
     kept = np.flatnonzero(~held)  # (N_kept,)
     state = rng.choice(kept, size=e)  # (E,)
     target = rng.choice(kept, size=e)  # (E,)
     steps = []
     for t in range(args.episode_len):
-        expert = env.optimal_actions(state, target)  # (E, A); none at the target
+        expert = gridworld.shortest_moves(nxt, d, state, target)  # (E, A); at g: none
         greedy = np.argmax(expert + rng.random((e, actions)), axis=1)  # one optimal at random
         uniform = rng.integers(actions, size=e)
         explore = rng.random(e) < args.epsilon
@@ -98,16 +98,14 @@ def collect_dataset(env, args, rng):
             other = (act + 1 + rng.integers(actions - 1, size=e)) % actions
             slipped = rng.random(e) < args.slip
             moved = np.where(slipped, other, act)
-        after = nxt[state, moved]
-        if args.data == "split":  # a move across the map's two halves stays in place
-            crosses = right_half[after] != right_half[state]
-            after = np.where(crosses, state, after)
-        after = np.where(held[after], state, after)  # a held-out cell: a wall for the data
+        after = nxt[state, moved]  # into a held-out cell, or across the split: stay
         steps.append({"s": state, "a": act, "s2": after,
                       "episode": np.arange(e), "t": np.full(e, t)})
         state = after
         new_target = rng.choice(kept, size=e)
-        target = np.where(state == target, new_target, target)
+        reached = state == target
+        lost = d[state, target] < 0  # out of the data's reach: behind held-out cells, the split
+        target = np.where(reached | lost, new_target, target)
     columns = {key: np.concatenate([step[key] for step in steps]) for key in steps[0]}
     if args.data == "one-direction":  # of u -> v and v -> u, one way per pair (Sec. 3.4)
         s, s2 = columns["s"], columns["s2"]

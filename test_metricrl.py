@@ -466,6 +466,20 @@ def test_expert_data_rarely_bumps_random_data_often():
     assert bumps[0] < 0.05 and bumps[1] > 0.3  # optimal moves never bump into a wall
 
 
+@pytest.mark.parametrize("knobs", [{"env": "open", "holdout": 0.1},
+                                   {"env": "rooms", "data": "split"}])
+def test_expert_data_goes_round_the_walls_of_the_data_map(knobs):
+    """The expert's shortest moves are the data's map's: a held-out cell and the split are walls,
+    and a target out of reach is redrawn (it walked into a held-out cell for ever: 80% bumps)."""
+    env = GridWorld(knobs["env"])
+    args = Args(episodes=50, epsilon=0.0, **knobs)
+    data = metricrl.collect_dataset(env, args, np.random.default_rng(0))
+    assert (data["s"] == data["s2"]).double().mean() < 0.05
+    held = env.held_out(args.holdout, args.seed)
+    nxt, d = env.data_map(held, args.data == "split")
+    assert not held[nxt[~held]].any() and (d[~held][:, held] == -1).all()  # held: walls
+
+
 def test_data_is_time_major_and_each_trajectory_continues():
     """Row t * E + e is step t of trajectory e: its s' is the s of row (t + 1) * E + e."""
     env = GridWorld(MAZE7)

@@ -97,9 +97,10 @@ def assumption_rows():
     return rows
 
 
-def observation_rows():
+def observation_rows(args):
     """--observations' rows: each map from each kind of observation, with all its cells in
-    the data and with 10% held out; on maze, moves one way only, and all moves as many."""
+    the data and with 10% held out; on maze, moves one way only, and all moves as many (not
+    for --algo gcbc or td: their hindsight goals need whole trajectories)."""
     rows = []
     for env in ("maze", "rooms", "open"):
         for features in ("onehot", "xy", "image"):
@@ -107,6 +108,8 @@ def observation_rows():
             rows.append((("all cells", env, features), knobs))
             rows.append((("10% held out", env, features), {**knobs, "holdout": 0.1}))
     for features in ("onehot", "xy"):  # 200 trajectories one way: 14,874 transitions, seed 0
+        if args.algo != "metricrl":
+            break
         rows.append((("one direction", "maze", features),
                      {"features": features, "data": "one-direction"}))
         rows.append((("all, as many", "maze", features), {"features": features, "episodes": 149}))
@@ -228,7 +231,9 @@ def sweep(args, name, given=()):
     elif name == "continuous":
         rows = continuous_rows()
     else:
-        rows = observation_rows()
+        rows = observation_rows(args)
+    if base.algo != module.Args().algo:  # --observations --algo td: not the default's folder
+        folder.append(base.algo)
     root = args.out or os.path.join("runs", "-".join(folder) + given_knobs(base))
     cells = []
     for label, knobs in rows:

@@ -1621,6 +1621,33 @@ def test_agent_act_rejects_cells_of_the_wrong_type_or_shape(tmp_path):
 
 
 # ===================================================================== experiments.py
+def test_observations_of_another_algo_go_to_a_folder_of_their_own(tmp_path, monkeypatch):
+    """--observations --algo td: a folder beside the default sweep's, not over it, and no
+    one-direction rows (td's hindsight goals need whole trajectories); run() replaced."""
+    runs = []
+
+    def fake_run(cell):
+        runs.append(cell)
+        metrics = {"success_rate": 0.5, "critic_success_rate": 0.4, "seconds": 1.0,
+                   "device": "cpu", "flags": dataclasses.asdict(cell)}
+        os.makedirs(cell.out)
+        with open(os.path.join(cell.out, "metrics.json"), "w", encoding="utf-8") as f:
+            json.dump(metrics, f)
+        return metrics
+
+    monkeypatch.setattr(metricrl, "run", fake_run)
+    monkeypatch.chdir(tmp_path)
+    experiments.main(["--observations", "--seeds", "1", "--quiet"])
+    assert len(runs) == 22 and {cell.algo for cell in runs} == {"metricrl"}
+    runs.clear()
+    experiments.main(["--observations", "--seeds", "1", "--quiet", "--algo", "td"])
+    assert len(runs) == 18 and {cell.algo for cell in runs} == {"td"}
+    assert {cell.data for cell in runs} == {"all"}
+    assert sorted(os.listdir(tmp_path / "runs")) == ["observations", "observations-td"]
+    for folder in ("observations", "observations-td"):
+        assert (tmp_path / "runs" / folder / "observations.md").exists()
+
+
 def test_compare_writes_table_and_figure_and_resumes(tmp_path, capsys):
     flags = ["--compare", "--env", tiny_map(tmp_path), "--algos", "metricrl,gcbc",
              "--epsilons", "0,1", "--seeds", "1", *TINY, "--out", str(tmp_path / "cmp")]

@@ -1,7 +1,7 @@
 """Redraws every figure in docs/figures/ with the code in hand, from the commands that make it.
 
     python -m docs.figures --list        # each figure and the commands that make its runs
-    python -m docs.figures               # all of them (about 1.5 h on 2 CPU cores)
+    python -m docs.figures               # all of them: about 4 h on 2 cores, 3 h of it continuous
     python -m docs.figures exact.png     # one: its runs first, unless they are finished
 
 Run it from the repository's root. A figure is a file that a run or a sweep writes, copied

@@ -152,8 +152,10 @@ def main(names):
             print(f"{HERE}/{name}: {'; '.join(commands) or 'no runs'} -> {drawn}")
         return
     unknown = [name for name in names if name not in FIGURES]
-    if unknown:
-        sys.exit(f"figures: unknown figure {unknown[0]!r}; choose from {', '.join(FIGURES)}")
+    if unknown:  # bad input: one line, exit code 2, as the scripts'
+        print(f"figures: error: unknown figure {unknown[0]!r}; choose from {', '.join(FIGURES)}",
+              file=sys.stderr)
+        sys.exit(2)
     for name in names or FIGURES:
         commands, source = FIGURES[name]
         for command in commands:

@@ -3,6 +3,8 @@
 every committed figure is one that docs/figures.py knows how to redraw."""
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -117,3 +119,10 @@ def test_every_committed_figure_has_the_commands_that_draw_it():
     for made_by, _ in figures.FIGURES.values():
         for line in made_by:
             check_command(line)
+
+
+def test_an_unknown_figure_is_one_line_and_exit_code_2():
+    result = subprocess.run([sys.executable, "-m", "docs.figures", "nothing.png"], cwd=HERE,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "unknown figure 'nothing.png'" in result.stderr
+    assert result.stderr.count("\n") == 1 and result.stdout == ""

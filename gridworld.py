@@ -11,6 +11,7 @@ ASCII maps: `Discrete(4)`, 0 up, 1 right, 2 down, 3 left; a hypermaze: `Discrete
 coordinate -1, 0 or +1 (staying put included; the authors' order). Into a wall or off the
 map, the agent stays. A one-way cell (`^ > v <`) is left only in its arrow's direction:
 actions are then not invertible, and `distance_matrix()` is from row to column.
+Key-and-door maps (`K`, `D`; `doorkey`): 4 picks up, 5 opens; a state: (row, col, key, door).
 
 ## Observation Space
 A `Dict` (Gymnasium-Robotics' goal-conditioned convention) of int64 coordinates, shape (D,):
@@ -44,10 +45,15 @@ import numpy as np
 
 MOVES = np.array([(-1, 0), (0, 1), (1, 0), (0, -1)])  # ASCII maps': up, right, down, left
 WALL, FREE = "#", "."  # map characters
+KEY, DOOR, OPEN = "K", "D", "/"  # a key and a locked door (a key-and-door map); the door open
 AGENT = (30, 90, 220)  # the agent's colour in images
 ONE_WAY = {"^": 0, ">": 1, "v": 2, "<": 3}  # one-way cells, left only by this action
 ONE_WAY_NAMES = {char: f"one-way cell (left only by action {a})" for char, a in ONE_WAY.items()}
-CELL_CHARS = {WALL: "wall", FREE: "free cell", **ONE_WAY_NAMES}  # for error messages
+CELL_CHARS = {WALL: "wall", FREE: "free cell", **ONE_WAY_NAMES, KEY: "key (picked up, action 4)",
+              DOOR: "locked door (opened with the key, action 5)"}  # for error messages
+BLOCKED = (WALL, KEY, DOOR)  # a key lying in its cell, a closed door: the agent cannot enter
+DOORKEY_MOVES = np.array([(-1, 0, 0, 0), (0, 1, 0, 0), (1, 0, 0, 0), (0, -1, 0, 0),
+                          (0, 0, 1, 0), (0, 0, 0, 1)])  # the 4 moves, pick up, toggle
 
 LAYOUTS = {  # the named maps, as ASCII rows
     # An empty room: 8 x 8 free cells, diameter 14.
@@ -100,6 +106,10 @@ LAYOUTS = {  # the named maps, as ASCII rows
 #.........#.......#.#
 #####################""",
 }
+# The authors' KeyEnv (miniGrid/): a 10 x 10 room split by a wall, its door locked; the key
+# where their commented-out line put it (departure: they draw its place anew each episode).
+LAYOUTS["doorkey"] = "\n".join(["#" * 10] + ["#....#...#"] * 5 + ["#..K.D...#"]
+                                + ["#....#...#"] * 2 + ["#" * 10])
 _rows = LAYOUTS["rooms"].split("\n")  # map row r is _rows[r + 1]
 _rows[4], _rows[11] = "#.....>.....#", "#.....<.....#"  # doors (3, 6) and (10, 6) one-way
 LAYOUTS["oneway"] = "\n".join(_rows)  # the four rooms as a circulation, clockwise
@@ -174,6 +184,9 @@ def parse_layout(text):
     grid = np.array([list(row) for row in rows])
     if (grid != WALL).sum() < 2:
         raise ValueError("layout has fewer than two free cells")
+    keys, doors = (grid == KEY).sum(), (grid == DOOR).sum()
+    if keys + doors and not keys == doors == 1:
+        raise ValueError("a key-and-door map needs one 'K' and one 'D'")
     return grid
 
 
@@ -223,10 +236,30 @@ def world(layout):
     """A checked layout (load_layout's) -> its map characters, (H, W) or (n,) * d, read-only,
     and its moves (A, D): ASCII maps the 4 MOVES, a hypermaze all 3^d steps in {-1, 0, 1}^d."""
     if not layout.startswith("hypermaze"):
-        return _frozen(parse_layout(layout)), MOVES
+        grid = parse_layout(layout)
+        if (grid == KEY).any():  # states (row, col, key carried, door open)
+            return _frozen(doorkey(grid)), DOORKEY_MOVES
+        return _frozen(grid), MOVES
     grid = hypermaze(layout)
     moves = itertools.product((-1, 0, 1), repeat=grid.ndim)  # (3^d, d)
     return _frozen(grid), np.array(list(moves))
+
+
+def doorkey(grid):
+    """A key-and-door map (H, W) -> its states (H, W, 2, 2), [row, col, key carried, door open]:
+    the key's cell free once carried, the door's once open; no open door without the key."""
+    states = np.repeat(np.repeat(grid[..., None, None], 2, axis=2), 2, axis=3)
+    carried, opened = states[:, :, 1, :], states[:, :, :, 1]  # views
+    carried[carried == KEY] = FREE
+    opened[opened == DOOR] = OPEN
+    states[:, :, 0, 1] = WALL
+    return states
+
+
+def beside(grid, char):
+    """(H, W) bool: a 4-neighbour of the cell is `char` (the key, the door) on the map grid."""
+    found = np.pad(grid == char, 1)
+    return found[:-2, 1:-1] | found[2:, 1:-1] | found[1:-1, :-2] | found[1:-1, 2:]
 
 
 def read_layout_file(path):
@@ -251,7 +284,7 @@ def _frozen(array):
 def _transitions(layout):
     """-> cells (N, D), index grid (the map's shape) with -1 on walls, next cell (N, A)."""
     grid, moves = world(layout)
-    free = grid != WALL
+    free = ~np.isin(grid, BLOCKED)
     cells = np.argwhere(free)  # (N, D), row-major order
     index = np.full(grid.shape, -1)
     index[free] = np.arange(len(cells))
@@ -265,6 +298,10 @@ def _transitions(layout):
         one_way = index[grid == char][:, None]  # (K, 1)
         others = np.flatnonzero(np.arange(4) != action)[None]  # (1, 3)
         nxt[one_way, others] = one_way
+    if moves is DOORKEY_MOVES:  # pick up and toggle act only beside the key and the door
+        for action, char in ((4, KEY), (5, DOOR)):  # (departure: theirs toggles to the right)
+            near = beside(grid[:, :, 0, 0], char)[cells[:, 0], cells[:, 1]]  # (N,)
+            nxt[~near, action] = here[~near, 0]
     return _frozen(cells), _frozen(index), _frozen(nxt)
 
 
@@ -443,6 +480,8 @@ class GridWorld(gymnasium.Env):
         colors = np.full((self.height, self.width, 3), 235, dtype=np.uint8)  # free: light grey
         colors[self.grid[plane] == WALL] = 40
         colors[self.one_way[plane]] = [235, 200, 120]
+        for char, rgb in ((KEY, (230, 190, 40)), (DOOR, (140, 80, 30)), (OPEN, (210, 180, 140))):
+            colors[self.grid[plane] == char] = rgb  # the key gold, the door brown, open pale
         return colors
 
     def data_map(self, held, split=False):

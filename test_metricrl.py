@@ -289,6 +289,95 @@ def hypercube_by_hand(d, n):
     return cells, moves, step
 
 
+def doorkey_by_hand(rows):
+    """A key-and-door map's BFS written from the authors' KeyEnv rules, not from gridworld.py:
+    a state is (row, col, key carried, door open); moves up, right, down, left enter a cell
+    that is free, the key's once carried, the door's once open; pick up (4) takes the key from
+    a neighbouring cell; toggle (5) opens a neighbouring door while carrying the key (the
+    authors look only to the right: our departure). -> {state: {state: distance}}."""
+    cells = {(r, c): char for r, row in enumerate(rows) for c, char in enumerate(row)}
+    key = next(rc for rc, char in cells.items() if char == "K")
+    door = next(rc for rc, char in cells.items() if char == "D")
+
+    def enterable(rc, carried, opened):
+        char = cells.get(rc, "#")
+        return char == "." or (char == "K" and carried) or (char == "D" and opened)
+
+    def neighbours(rc):
+        return [(rc[0] + dr, rc[1] + dc) for dr, dc in ((-1, 0), (0, 1), (1, 0), (0, -1))]
+
+    def successors(state):
+        r, c, carried, opened = state
+        for rc in neighbours((r, c)):
+            yield (*rc, carried, opened) if enterable(rc, carried, opened) else state
+        yield (r, c, 1, opened) if key in neighbours((r, c)) else state
+        yield (r, c, 1, 1) if door in neighbours((r, c)) and carried else state
+
+    states = [(r, c, k, d) for (r, c) in cells for k in (0, 1) for d in (0, 1)
+              if (k or not d) and enterable((r, c), k, d)]
+    truth = {}
+    for start in states:  # plain breadth-first search, one start at a time
+        dist, frontier = {start: 0}, [start]
+        while frontier:
+            ahead = []
+            for state in frontier:
+                for nxt in successors(state):
+                    if nxt not in dist:
+                        dist[nxt] = dist[state] + 1
+                        ahead.append(nxt)
+            frontier = ahead
+        truth[start] = dist
+    return truth
+
+
+@pytest.mark.parametrize("layout", ["doorkey", "#######\n#K.#..#\n#..D..#\n#######"])
+def test_doorkey_bfs_equals_a_search_from_the_authors_rules(layout):
+    env = GridWorld(layout)
+    truth = doorkey_by_hand(load_layout(layout).split("\n"))
+    assert sorted(truth) == sorted(map(tuple, env.cells.tolist()))  # the same states
+    d = env.distance_matrix()
+    for s, row in truth.items():
+        for g in truth:
+            assert d[env.cell_indices(s), env.cell_indices(g)] == row.get(g, -1), (s, g)
+
+
+def test_doorkey_pick_up_and_toggle_step_by_step():
+    env = GridWorld("doorkey", render_mode="ansi")  # the key at (6, 3), the door at (6, 5)
+
+    def after(state, *actions):
+        env.reset(seed=0, options={"start": state, "goal": (8, 8, 1, 1)})
+        for action in actions:
+            env.step(action)
+        return tuple(env._obs()["observation"].tolist())
+
+    assert after((1, 1, 0, 0), 4) == (1, 1, 0, 0)  # the key is not beside the agent
+    assert after((5, 3, 0, 0), 2) == (5, 3, 0, 0)  # it lies in its cell: a wall until taken
+    assert after((5, 3, 0, 0), 4) == (5, 3, 1, 0)  # picked up from the cell above it
+    assert after((5, 3, 1, 0), 2) == (6, 3, 1, 0)  # its cell is free once carried
+    assert after((6, 4, 0, 0), 5, 1) == (6, 4, 0, 0)  # without the key the door stays shut
+    assert after((2, 2, 1, 0), 5) == (2, 2, 1, 0)  # the door is not beside the agent
+    assert after((6, 4, 1, 0), 5, 1, 1) == (6, 6, 1, 1)  # opened, then walked through
+    assert after((6, 6, 1, 1), 5, 4) == (6, 6, 1, 1)  # open stays open; one key only
+    env.reset(seed=0, options={"start": (6, 4, 1, 0), "goal": (6, 6, 1, 1)})
+    assert "D" in env.render() and env.step(5)[0]["observation"].tolist() == [6, 4, 1, 1]
+    assert "/" in env.render() and "K" not in env.render()  # open door, key carried
+    check_env(gymnasium.make("GridWorld-v0", layout="doorkey").unwrapped)
+
+
+def test_a_key_and_door_map_needs_one_of_each():
+    for layout in ("#####\n#K..#\n#####", "#####\n#KDK#\n#...#\n#####"):
+        with pytest.raises(ValueError, match="needs one 'K' and one 'D'"):
+            GridWorld(layout)
+
+
+def test_a_tiny_key_and_door_map_learns(tmp_path):
+    layout = tmp_path / "doorkey.txt"
+    layout.write_text("#######\n#K.#..#\n#..D..#\n#######")
+    m = metricrl.main(["--env", str(layout), "--steps", "600", "--episodes", "60", "--quiet",
+                       "--hidden", "64", "--out", str(tmp_path / "run")])
+    assert m["critic_success_rate"] > 0.6 and m["success_rate"] > 0.6 and m["actions"] == 6
+
+
 def test_hypermaze_cells_moves_and_bfs_equal_a_brute_force_by_hand():
     env = GridWorld("hypermaze3s5")
     cells, moves, step = hypercube_by_hand(3, 5)

@@ -48,7 +48,7 @@ class Args:  # each knob's comment is its --help text
     data: Literal["all", "split", "one-direction"] = "all"  # split halves; one-direction: one way
     super_state: bool = False  # join every trajectory's end to one virtual state
     latent: int = 32  # k, the size of the embedding phi(s)
-    hidden: int = 0  # width of the hidden layers of phi and pi; 0: 128, 256 beyond 4 actions
+    hidden: int = 0  # width of the hidden layers of phi and pi; 0: 128, 256 beyond 8 actions
     critic: Literal["paper", "exact", "bfs"] = "paper"  # the paper's; exact: learns d; bfs: oracle
     lam: float = 1.0  # lambda, weight of the negative (push) term
     metric: Literal["euclidean", "quasimetric"] = "euclidean"  # d_phi; quasimetric: asymmetric
@@ -184,8 +184,8 @@ def build_critic(env, args, x):
 
 def build(env, args, device):
     """The observations x (N, ...), the critic (or None) and the actor, on the device. --hidden
-    0: 128 units, phi's and pi's, 256 past 4 actions (128 held pi back: docs/hypermaze.md)."""
-    wide = len(env.moves) > 4
+    0: 128 units, phi's and pi's, 256 past 8 (a hypermaze's 3^d: docs/hypermaze.md)."""
+    wide = len(env.moves) > 8
     args = dataclasses.replace(args, hidden=args.hidden or (256 if wide else 128))
     x = cell_features(env, args)
     critic = build_critic(env, args, x)

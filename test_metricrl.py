@@ -370,6 +370,14 @@ def test_a_key_and_door_map_needs_one_of_each():
             GridWorld(layout)
 
 
+def test_the_hidden_width_rule_widens_the_hypermazes_only():
+    """--hidden 0: 256 units beyond 8 actions (a hypermaze's 3^d); 128 for 4 moves and for a
+    key-and-door map's 6 actions (256 made doorkey 1.7 times the maze run's time)."""
+    for layout, width in (("open", 128), ("doorkey", 128), ("hypermaze2s5", 256)):
+        x, critic, actor = metricrl.build(GridWorld(layout), Args(env=layout), "cpu")
+        assert actor.body[-1].in_features == width, layout
+
+
 def test_a_tiny_key_and_door_map_learns(tmp_path):
     layout = tmp_path / "doorkey.txt"
     layout.write_text("#######\n#K.#..#\n#..D..#\n#######")

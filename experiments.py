@@ -107,9 +107,9 @@ def observation_rows(args):
             knobs = {"env": env, "features": features}
             rows.append((("all cells", env, features), knobs))
             rows.append((("10% held out", env, features), {**knobs, "holdout": 0.1}))
+    if args.algo != "metricrl":  # no one-direction rows
+        return rows
     for features in ("onehot", "xy"):  # 200 trajectories one way: 14,874 transitions, seed 0
-        if args.algo != "metricrl":
-            break
         rows.append((("one direction", "maze", features),
                      {"features": features, "data": "one-direction"}))
         rows.append((("all, as many", "maze", features), {"features": features, "episodes": 149}))

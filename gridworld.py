@@ -298,7 +298,7 @@ def _transitions(layout):
         one_way = index[grid == char][:, None]  # (K, 1)
         others = np.flatnonzero(np.arange(4) != action)[None]  # (1, 3)
         nxt[one_way, others] = one_way
-    if moves is DOORKEY_MOVES:  # pick up and toggle act only beside the key and the door
+    if (grid == KEY).any():  # a key-and-door map: pick up and toggle only beside them
         for action, char in ((4, KEY), (5, DOOR)):  # (departure: theirs toggles to the right)
             near = beside(grid[:, :, 0, 0], char)[cells[:, 0], cells[:, 1]]  # (N,)
             nxt[~near, action] = here[~near, 0]

@@ -137,7 +137,9 @@ def generate_maze(n):
     stack, seen = [(0, 0)], {(0, 0)}
     while stack:
         r, c = stack[-1]
-        options = unvisited_rooms(r, c, m, seen)
+        options = [(r + dr, c + dc) for dr, dc in MOVES.tolist()]  # the rooms beside, in order
+        options = [room for room in options if 0 <= min(room) and max(room) < m]  # on the map
+        options = [room for room in options if room not in seen]
         if not options:  # a dead end: back up
             stack.pop()
             continue
@@ -146,26 +148,13 @@ def generate_maze(n):
         grid[r + nr + 1][c + nc + 1] = FREE  # the wall between the two rooms
         seen.add((nr, nc))
         stack.append((nr, nc))
-    inner_walls = []
-    for r in range(1, n - 1):
-        for c in range(1, n - 1):
-            if grid[r][c] == WALL and r % 2 != c % 2:  # between two rooms
-                inner_walls.append((r, c))
+    inside = range(1, n - 1)  # the rows, and the columns, inside the outer wall
+    between = [(r, c) for r in inside for c in inside if (r + c) % 2]  # between two rooms
+    inner_walls = [(r, c) for r, c in between if grid[r][c] == WALL]
     for _ in range(max(1, m * m // 25)):
         r, c = inner_walls.pop(next(numbers) % len(inner_walls))
         grid[r][c] = FREE
     return "\n".join("".join(row) for row in grid)
-
-
-def unvisited_rooms(r, c, m, seen):
-    """The rooms next to room (r, c) of m x m that are not in `seen`, in MOVES' order."""
-    options = []
-    for dr, dc in MOVES.tolist():
-        room = (r + dr, c + dc)
-        inside = 0 <= room[0] < m and 0 <= room[1] < m
-        if inside and room not in seen:
-            options.append(room)
-    return options
 
 
 def parse_layout(text):
@@ -268,9 +257,7 @@ def read_layout_file(path):
         with open(path, encoding="utf-8") as f:
             return f.read()
     except (OSError, UnicodeDecodeError) as e:
-        what = "unreadable"
-        if isinstance(e, FileNotFoundError):
-            what = "not found"
+        what = "not found" if isinstance(e, FileNotFoundError) else "unreadable"
         raise ValueError(f"layout file {what}: {path} ({type(e).__name__})") from None
 
 
@@ -353,6 +340,7 @@ class GridWorld(gymnasium.Env):
         transitions()       (N, A) int   next cell index for each cell and action
         distance_matrix()   (N, N) int32 fewest actions from i to j, -1 if unreachable
         optimal_actions()   (N, N, A) bool  actions from i on a shortest path to j; (s, g): (B, A)
+        task()              start, goals    a key-and-door map's task (the paper's Fig. 1)
     """
 
     metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
@@ -389,6 +377,20 @@ class GridWorld(gymnasium.Env):
         s, g = np.asarray(s), np.asarray(g)
         return shortest_moves(self.transitions(), self.distance_matrix(), s, g)
 
+    def task(self):
+        """The paper's task (Fig. 1), on a key-and-door map: from the first cell with no key, the
+        door closed (doorkey's top left), to each cell past the door -> start, goals (G,)."""
+        if not (self.grid == KEY).any():
+            return None
+        start = int(np.flatnonzero((self.cells[:, 2:] == 0).all(1))[0])  # no key, door closed
+        reach = self.distance_matrix()[start] >= 0  # (N,)
+        shut = self.cells[reach & (self.cells[:, 3] == 0)]  # the states reached, door closed
+        closed = np.zeros((self.height, self.width), dtype=bool)
+        closed[shut[:, 0], shut[:, 1]] = True
+        rows, cols = self.cells[:, :2].T
+        beyond = reach & ~closed[rows, cols] & (self.grid[rows, cols, 0, 0] != DOOR)
+        return start, np.flatnonzero(beyond)
+
     def cell_indices(self, rc):
         """Coordinates (B, D), ints -> cell indices (B,); one cell's (D,) -> an int.
         TypeError for non-integers, ValueError for another shape or a cell that is not free."""
@@ -405,9 +407,7 @@ class GridWorld(gymnasium.Env):
         if (index < 0).any():
             bad = tuple(flat[index < 0][0].tolist())
             raise ValueError(f"{bad} is not a free cell of this map")
-        if a.ndim == 1:
-            return int(index[0])
-        return index
+        return int(index[0]) if a.ndim == 1 else index
 
     def _obs(self):
         agent, goal = self.cells[self.agent].copy(), self.cells[self.goal].copy()

@@ -35,7 +35,7 @@ from metricrl import Args, UsageError, say
 @dataclasses.dataclass
 class SweepArgs(Args):  # a run's knobs, and the sweeps' own: each comment is its --help text
     compare: bool = False  # run methods x data qualities, write compare.md and compare.png
-    algos: str = "metricrl,metricrl-linear,gcbc,td"  # methods; also metricrl-exact, metricrl-bfs
+    algos: str = "metricrl,metricrl-linear,gcbc,td"  # methods; metricrl-exact, -bfs, -quasimetric
     epsilons: str = "0,0.25,0.5,0.75,1"  # --compare: behaviour epsilons
     envs: str = ""  # maps: --compare's (default: --env), --scaling's (default: d = 2 to 4)
     assumptions: bool = False  # runs where each assumption breaks: assumptions.md, .png
@@ -54,9 +54,10 @@ class Sweep:
 
 
 SWEEPS = {
-    "compare": Sweep(("env", "method", "ε"), ("success_rate", "path_ratio", "optimal_action_rate",
+    "compare": Sweep(("env", "method", "ε"), ("data_reward", "success_task", "critic_success_task",
+                                              "success_rate", "path_ratio", "optimal_action_rate",
                                               "critic_success_rate", "distance_error", "seconds"),
-                     ("env", "algo", "weighting", "critic", "epsilon")),
+                     ("env", "algo", "weighting", "critic", "metric", "epsilon")),
     "assumptions": Sweep(("experiment", "map", "variant"),
                          ("success_rate", "path_ratio", "optimal_action_rate",
                           "value_greedy_rate", "critic_success_rate", "spearman"),
@@ -76,6 +77,7 @@ VARIANTS = {  # --algos: a method's name in --compare, and the knobs that make i
     "metricrl": {}, "metricrl-linear": {"weighting": "linear"},
     "gcbc": {"algo": "gcbc"}, "td": {"algo": "td"},
     "metricrl-bfs": {"critic": "bfs"}, "metricrl-exact": {"critic": "exact"},
+    "metricrl-quasimetric": {"metric": "quasimetric"},
 }
 
 
@@ -316,10 +318,12 @@ def sweep_table(args, sweep_kind, results, device):
     if args.seeds > 1:
         made += ", mean ± std"
     made += f"; {os.cpu_count()} CPU cores, torch {torch.__version__}, device {device}."
-    header = sweep_kind.labels + sweep_kind.columns
+    runs = [run for row in results.values() for run in row]
+    columns = [key for key in sweep_kind.columns if any(key in run for run in runs)]  # a map's
+    header = sweep_kind.labels + tuple(columns)
     lines = [made, "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for label, runs in results.items():
-        cells = [table_cell(column, runs, args.seeds) for column in sweep_kind.columns]
+        cells = [table_cell(column, runs, args.seeds) for column in columns]
         lines.append("| " + " | ".join([*label, *cells]) + " |")
     return "\n".join(lines)
 
@@ -382,7 +386,7 @@ def main(argv=None):
     """The command line: python experiments.py --compare|--assumptions|... (one sweep)."""
     replace_unknown_characters()
     try:
-        args, given = metricrl.parse_args(argv, SweepArgs, "experiments.py", __doc__)
+        args, given = metricrl.parse_args(argv, SweepArgs)
         name = check_sweep(args, given)
         return sweep(args, name, given)
     except (UsageError, FloatingPointError, KeyboardInterrupt) as e:

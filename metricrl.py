@@ -6,20 +6,14 @@ Read it beside the paper. Sections 1-7, the method in the paper's order: data, c
 and advantage, actor, baselines, training, exact evaluation; 8-10: one run, its figure, the
 command line. A layer for phi: build_critic(); a map: gridworld.LAYOUTS, or a file for --env.
 Shapes: N cells, A actions, M transitions, B batch, F features per cell, k latent size."""
-import argparse
-import contextlib
 import copy
 import csv
 import dataclasses
-import inspect
 import json
 import math
 import os
-import re
-import shutil
-import sys
 import time
-from typing import Literal, get_args
+from typing import Literal
 
 import numpy as np
 import torch
@@ -28,11 +22,12 @@ from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 
 import gridworld
+from cli import UsageError, exit_with_one_line, parse_args, require, say, staged
 
 
 @dataclasses.dataclass
 class Args:  # each knob's comment is its --help text
-    env: str = "maze"  # open, rooms, maze, loops, oneway, maze<N>, hypermaze<d>[s<n>], a file
+    env: str = "maze"  # open, rooms, maze, loops, oneway, doorkey, maze<N>, hypermaze<d>, a file
     algo: Literal["metricrl", "gcbc", "td"] = "metricrl"  # or a baseline: gcbc, td
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     seed: int = 0  # seeds the data and the networks (the evaluation is exact)
@@ -419,10 +414,10 @@ def actor_weights(critic, x, z, s, s2, g, args):
     return advantage_weights(d, d2, args)
 
 
-def actor_step(critic, actor, x, z, data, goals, args):
+def actor_step(critic, actor, x, z, data, args):
     """The actor's loss (Sec. 3.3) on (s, g)s: for one drawn action of the data each, or (--actions
     all) for every a the data took at s, w(s, a, g) / k(s): that loss's mean over a at s."""
-    s, a, s2, g = sample(data, args.actor_batch, goals, args)  # (B,)
+    s, a, s2, g = sample(data, args.actor_batch, args.goals, args)  # (B,)
     logits = actor(actor_input(critic, x, args), s, g)  # (B, A)
     if args.actions == "one":
         return actor_loss(logits, a, actor_weights(critic, x, z, s, s2, g, args))
@@ -445,7 +440,7 @@ def learning_rates(done, args, actor_from):
 def train(data, x, critic, actor, args, truth=None):
     """Algorithm 1: the critic alone for the first `critic_only` share of the steps, then both
     in one backward pass (gcbc, --critic bfs: the actor only) -> the history of Progress."""
-    args = with_budgets(args, len(x))  # --steps 0 and such, by the map (set-up, section 10)
+    args = with_budgets(args, len(x), actor.body[-1].out_features)  # 0, auto: by the map, A
     learns_critic = critic is not None and args.critic != "bfs"
     actor_from = int(args.critic_only * args.steps) if learns_critic else 0
     critic_group = {"params": critic.parameters() if critic is not None else []}
@@ -457,15 +452,7 @@ def train(data, x, critic, actor, args, truth=None):
     memory = {"target": None, "mu": torch.ones((), device=x.device)}
     if args.algo == "td":
         memory["target"] = copy.deepcopy(critic)
-    goals = args.goals  # auto: hindsight for gcbc, whose weights cannot score other goals
-    if goals == "auto":
-        goals = "hindsight" if args.algo == "gcbc" else "uniform"
     data = {**data, **balance(data)}
-    actions = args.actions  # auto: all for metricrl beyond 4 actions, bar exact's N^3 table
-    if actions == "auto":
-        cheap = args.algo == "metricrl" and args.critic != "exact"
-        actions = "all" if cheap and actor.body[-1].out_features > 4 else "one"  # A logits
-    args = dataclasses.replace(args, actions=actions)
     critic_data = data
     if args.super_state:
         critic_data = with_super_state(data, args, len(x))
@@ -479,7 +466,7 @@ def train(data, x, critic, actor, args, truth=None):
             loss, info, z = critic_step(critic, x, critic_data, counts, args, memory)
             info["critic_loss"] = loss
         if step > actor_from:
-            info["actor_loss"] = actor_step(critic, actor, x, z, data, goals, args)
+            info["actor_loss"] = actor_step(critic, actor, x, z, data, args)
             loss = loss + info["actor_loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -494,11 +481,15 @@ LIMIT = gridworld.gymnasium.spec("GridWorld-v0").max_episode_steps  # rollout st
 
 def ground_truth(env, args, device):
     """BFS's truth: nxt (N, A), d (N, N) (-1: unreachable), unseen (N, N): the pairs with an end
-    the data never visits (--holdout). No (N, N, A) table (5 GB on hypermaze4): optimal_rate()."""
+    the data never visits (--holdout), task (N, N): a key-and-door map's (start, goal) pairs. No
+    (N, N, A) table (5 GB on hypermaze4): optimal_rate()."""
     nxt = torch.as_tensor(np.array(env.transitions()), device=device)
     d = torch.as_tensor(np.array(env.distance_matrix()), device=device)
     held = torch.as_tensor(env.held_out(args.holdout, args.seed), device=device)  # (N,)
-    return {"nxt": nxt, "d": d, "unseen": held[:, None] | held[None, :]}
+    task = torch.zeros_like(d, dtype=torch.bool)  # (N, N) the paper's task (Fig. 1): its pairs
+    if env.task() is not None:  # a key-and-door map's: from its start to each goal
+        task[env.task()] = True
+    return {"nxt": nxt, "d": d, "unseen": held[:, None] | held[None, :], "task": task}
 
 
 @torch.no_grad()
@@ -590,9 +581,11 @@ def evaluate(dz, actor, x, truth, slip=0.0, limit=LIMIT):
     if ok.any():
         metrics["path_ratio"] = (steps[ok] / d[ok]).mean().item()
     metrics["optimal_action_rate"] = optimal_rate(policy, truth, reachable)
-    parts = {"seen": reachable & ~truth["unseen"], "unseen": reachable & truth["unseen"]}
-    for part, mask in parts.items():  # nothing held out: no unseen pair, its metrics nan
+    seen, task = reachable & ~truth["unseen"], reachable & truth["task"]
+    parts = {"seen": seen, "unseen": reachable & ~seen, "task": task}  # none: their metrics nan
+    for part, mask in parts.items():
         metrics[f"success_{part}"] = ok[mask].double().mean().item()
+        metrics[f"critic_success_{part}"] = math.nan  # below, if there is a critic
     if dz is None:
         return {**metrics, **dict.fromkeys(CRITIC_METRICS, math.nan)}
     # the critic's own policy: argmin_a dz(next(s, a), g), by rows (dz[nxt]: 20 GB, hypermaze4)
@@ -614,10 +607,10 @@ def evaluate(dz, actor, x, truth, slip=0.0, limit=LIMIT):
 # ====================================================== 8. one run, from data to files
 OUTPUTS = ("metrics.json", "log.csv", "model.pt", "metricrl.png")
 CRITIC_METRICS = ("value_greedy_rate", "critic_success_rate", "spearman", "monotonicity",
-                  "distance_error", "distance_error_max",  # nan without a critic
-                  "critic_success_seen", "critic_success_unseen")  # and without --holdout
-METRICS = ("success_rate", "path_ratio", "optimal_action_rate", *CRITIC_METRICS[:6])
-SEEN_METRICS = ("success_seen", "success_unseen", *CRITIC_METRICS[6:])  # by --holdout
+                  "distance_error", "distance_error_max")  # nan without a critic
+METRICS = ("success_rate", "path_ratio", "optimal_action_rate", *CRITIC_METRICS)
+SEEN_METRICS = ("success_seen", "success_unseen", "critic_success_seen", "critic_success_unseen")
+TASK_METRICS = ("success_task", "critic_success_task")  # a key-and-door map's task (Fig. 1)
 
 
 def spearman(x, y):
@@ -630,15 +623,28 @@ def spearman(x, y):
     return torch.corrcoef(torch.stack(ranks))[0, 1].item()
 
 
-class UsageError(Exception):
-    """Bad input: one line on stderr, exit code 2."""
-
-
-def say(text):
-    """print, and keep running when stdout is closed (python metricrl.py | head -1)."""
-    with contextlib.suppress(BrokenPipeError):
-        return print(text, flush=True)
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # later prints: nowhere
+def behaviour_reward(env, args, start, goals):
+    """The data's own expected reward on a task (Fig. 1's x-axis; departure: exact, not a mean
+    over the data's trajectories): the chance that the data's behaviour (collect_dataset's,
+    without --slip) reaches the goal from the start within T steps, its mean over the goals
+    (G,): the law of s_t, pushed T times through the moves."""
+    nxt, d = env.data_map(env.held_out(args.holdout, args.seed), args.data == "split")
+    n, actions = nxt.shape
+    s, g = np.repeat(np.arange(n), len(goals)), np.tile(goals, n)  # (N G,) each cell, each goal
+    best = gridworld.shortest_moves(nxt, d, s, g).reshape(n, len(goals), actions)  # (N, G, A)
+    share = best.sum(-1, keepdims=True)  # optimal actions at s, to g; none: any action
+    expert = np.where(share > 0, best / np.maximum(share, 1), 1 / actions)
+    policy = args.epsilon / actions + (1 - args.epsilon) * expert  # (N, G, A) pi(a | s, g)
+    at = np.zeros((len(goals), n))  # (G, N) the law of s_t, an episode per goal
+    at[:, start] = 1
+    into = np.arange(len(goals))[:, None, None] * n + nxt  # (G, N, A) (goal, s') as one index
+    arrive, reward = (np.arange(len(goals)), goals), np.zeros(len(goals))
+    for _ in range(args.episode_len):
+        flow = at[:, :, None] * policy.transpose(1, 0, 2)  # (G, N, A) P(s_t = s, a_t = a)
+        at = np.bincount(into.ravel(), flow.ravel(), minlength=at.size).reshape(at.shape)
+        reward += at[arrive]  # reward 1 on reaching g, where the episode ends:
+        at[arrive] = 0
+    return float(reward.mean())
 
 
 def run(args):
@@ -661,7 +667,11 @@ def run(args):
             say(f"{args.env}: {len(x)} cells | data {coverage} | {device} | {steps} steps")
         history = train(data, x, critic, actor, args, truth)
         shown = METRICS + (SEEN_METRICS if args.holdout > 0 else ())
+        shown += TASK_METRICS if env.task() is not None else ()  # a key: the paper's task
         metrics = {key: history[-1][key] for key in shown}
+        if env.task() is not None:  # and the data's own reward on it (Fig. 1's x-axis)
+            metrics["data_reward"] = behaviour_reward(env, args, *env.task())
+            shown += ("data_reward",)
         plot_run(tmp, env, args, x, critic, actor, data, truth, history, metrics)
         speed = float(np.median([row["steps_per_s"] for row in history]))
         metrics.update(env=args.env, algo=args.algo, run=run_name(args), seed=args.seed,
@@ -730,13 +740,15 @@ def report(row, args, minutes_left=None):
 
 
 # ======================================================================== 9. the figure
-def show_map(fig, ax, env, values, title, cmap, label, goal, **kw):
-    """Values per cell (N,) on the map, a colorbar, the goal and the one-way cells' arrows."""
+def show_map(fig, ax, env, values, title, cmap, label, goal, plane=None, **kw):
+    """Values per cell (N,) on the map (or on a plane, below; default: the goal's), a colorbar,
+    the goal, and the map's one-way cells, key and door in red."""
     if values is None:
         ax.text(0.5, 0.5, title, ha="center", va="center", transform=ax.transAxes, fontsize=12)
         return ax.set_axis_off()
+    plane = env.cells[goal, 2:] if plane is None else plane
     image = np.full((env.height, env.width), np.nan)
-    shown = in_slice(env, goal)
+    shown = in_slice(env, plane)
     rows, cols = env.cells[shown, :2].T
     image[rows, cols] = np.asarray(values)[shown]
     shown = ax.imshow(np.ma.masked_invalid(image), cmap=cmap, **kw)
@@ -744,18 +756,21 @@ def show_map(fig, ax, env, values, title, cmap, label, goal, **kw):
     ax.set(title=title, xticks=[], yticks=[], facecolor="0.25")  # walls show the face colour
     row, col = env.cells[goal, :2]
     ax.plot(col, row, "*", color="white", ms=18, mec="k", label="goal g")
-    for r, c in np.argwhere(env.one_way):
-        ax.text(c, r, env.grid[r, c], ha="center", va="center", color="red", weight="bold")
+    grid = env.grid[(slice(None), slice(None), *plane)]  # (H, W) the plane's characters
+    for r, c in np.argwhere(np.isin(grid, [*gridworld.ONE_WAY, "K", "D", "/"])):
+        ax.text(c, r, grid[r, c], ha="center", va="center", color="red", weight="bold")
 
 
-def in_slice(env, goal):
-    """(N,) bool: the cells of the 2-D slice through g: x_0, x_1 any, the rest g's (2-D: all)."""
-    return (env.cells[:, 2:] == env.cells[goal, 2:]).all(1)
+def in_slice(env, plane):
+    """(N,) bool: the cells of a plane: x_0, x_1 any, the others `plane`'s (a hypermaze's other
+    coordinates, a key-and-door map's flags; a 2-D map's: all cells)."""
+    return (env.cells[:, 2:] == plane).all(1)
 
 
 VALUE_TITLES = {"metricrl": r"Learned $V(s, g) = \gamma^{d_\phi(s, g)}$",
                 "td": "Learned V(s, g), by TD", "gcbc": "gcbc has no critic",
                 "bfs": "--critic bfs: the true V"}  # by the kind of critic
+FLAG_STATES = {(0, 0): "No key: ", (1, 0): "Key carried, door closed: ", (1, 1): "Door open: "}
 DISTANCE_LABELS = {"metricrl": "learned d_φ(s, g)", "td": "learned log_γ V(s, g)",
                    "bfs": "BFS d(s, g), the oracle"}
 
@@ -777,46 +792,71 @@ def plot_run(folder, env, args, x, critic, actor, data, truth, history, metrics)
     kind = "bfs" if args.critic == "bfs" else args.algo  # the kind of critic
     fig = Figure(figsize=(20, 9.5))
     top, bottom = fig.subplots(2, 4)
-    show_map(fig, top[0], env, v, VALUE_TITLES[kind], "viridis", "V", goal, vmin=low, vmax=1)
-    show_map(fig, top[1], env, v_true, r"True optimal $V^*(s, g) = \gamma^{d(s, g)}$",
-             "viridis", "V*", goal, vmin=low, vmax=1)
-    plot_policy(fig, top[2], env, args, actor, actor_input(critic, x, args), truth, goal, to_goal)
+    table = pair_table(actor, actor_input(critic, x, args), greedy=True)  # (N, N)
+    reached = rollout(table, truth["nxt"], LIMIT)[0].cpu().numpy()  # as evaluate()
+    table = table.cpu().numpy()
+    if env.task() is None:
+        show_map(fig, top[0], env, v, VALUE_TITLES[kind], "viridis", "V", goal, vmin=low, vmax=1)
+        show_map(fig, top[1], env, v_true, r"True optimal $V^*(s, g) = \gamma^{d(s, g)}$",
+                 "viridis", "V*", goal, vmin=low, vmax=1)
+        plot_policy(fig, top[2], env, args, table, reached, goal, "Greedy π(·|s, g): ")
+    else:  # a key-and-door map: V(., g) and the policy in each flag state (gcbc: distances)
+        colours = None if v is None else (v, low)
+        for ax, (plane, name) in zip(top, FLAG_STATES.items()):
+            plot_policy(fig, ax, env, args, table, reached, goal, name, plane, colours)
     visits = np.bincount(data["s"].cpu().numpy(), minlength=len(x))
     held = " (cyan □: held out)" if args.holdout > 0 else ""
     show_map(fig, top[3], env, visits, f"Offline data: visits per cell (ε = {args.epsilon})"
              + held, "magma", "visits", goal)
-    held = env.held_out(args.holdout, args.seed) & in_slice(env, goal)  # --holdout's cells
+    held = env.held_out(args.holdout, args.seed) & in_slice(env, env.cells[goal, 2:])
     rows, cols = env.cells[held, :2].T
     top[3].plot(cols, rows, "s", mfc="none", mec="cyan", ms=9, mew=2, label="held out")
     plot_learning(fig, bottom, env, args, d, dz, critic, x, goal, to_goal, history, kind)
-    title = f"{run_name(args)} ({len(x)} cells, {len(data['s'])} transitions of data, ε = "
+    title = figure_title(env, args, len(data["s"]), metrics, goal)
+    fig.suptitle(title, size=13)
+    top = 0.96 - 0.03 * (title.count("\n") + 1)  # 0.9 below two lines of title
+    fig.subplots_adjust(left=0.035, right=0.955, bottom=0.07, top=top, wspace=0.34, hspace=0.24)
+    fig.savefig(os.path.join(folder, "metricrl.png"), dpi=70)
+
+
+def figure_title(env, args, transitions, metrics, goal):
+    """The figure's title: the run, the exact metrics over all pairs, what the top row shows."""
+    title = f"{run_name(args)} ({len(env.cells)} cells, {transitions} transitions of data, ε = "
     title += f"{args.epsilon})\nOver all pairs: success {metrics['success_rate']:.3f}"
-    if dz is not None:
+    if not math.isnan(metrics["critic_success_rate"]):
         title += f", critic success {metrics['critic_success_rate']:.3f}"
         title += f", monotonicity {metrics['monotonicity']:.3f}"
     if args.holdout > 0:  # and over the pairs with a held-out end (the critic's: metrics.json)
         title += f"; pairs with a held-out end: success {metrics['success_unseen']:.3f}"
-    title += f". Top row: one far goal g = {tuple(env.cells[goal].tolist())}"
+    goal_text = f"one far goal g = {tuple(env.cells[goal].tolist())}"
+    if env.task() is not None:  # and on the paper's task; the top row: each flag state
+        title += f"; the paper's task: success {metrics['success_task']:.3f}.\nTop row, for "
+        title += f"{goal_text}: the greedy π(·|s, g) in each flag state, on the learned V "
+        return title + "(gcbc: on the true distance); ○: picks up, opens"
+    title += f". Top row: {goal_text}"
     if env.grid.ndim > 2:
         title += ", the slice through it (x_0 down, x_1 across; arrows: moves' x_0, x_1 steps)"
-    fig.suptitle(title, size=13)
-    fig.subplots_adjust(left=0.035, right=0.955, bottom=0.07, top=0.9, wspace=0.34, hspace=0.24)
-    fig.savefig(os.path.join(folder, "metricrl.png"), dpi=70)
+    return title
 
 
-def plot_policy(fig, ax, env, args, actor, x, truth, goal, to_goal):
-    """The greedy policy's move in every cell towards the goal; red x: its rollout fails."""
-    table = pair_table(actor, x, greedy=True)  # (N, N)
-    reached, _ = rollout(table, truth["nxt"], LIMIT)  # as evaluate()
-    fails = ~reached[:, goal].cpu().numpy() & (to_goal > 0)  # (N,)
-    title = f"Greedy π(·|s, g): {fails.sum()} of all {(to_goal > 0).sum()} cells fail (×)"
+def plot_policy(fig, ax, env, args, table, reached, goal, title, plane=None, v=None):
+    """The greedy policy's move (table (N, N)) in every cell of a plane (default: the goal's)
+    towards the goal, on the true distance (or a value: V, its low end); red x: fails."""
+    plane = env.cells[goal, 2:] if plane is None else plane
+    shown = in_slice(env, plane)  # (N,)
+    to_goal = env.distance_matrix()[:, goal]
+    fails = shown & ~reached[:, goal] & (to_goal > 0)  # (N,)
+    title += f"{fails.sum()} of {(shown & (to_goal > 0)).sum()} cells fail (×)"
     if args.slip > 0:
         title += ", without slips"
-    if env.grid.ndim > 2:
+    if env.grid.ndim > 2 and env.task() is None:  # a key-and-door map's: in the figure's title
         title += "; ○: leaves the slice"
-    show_map(fig, ax, env, to_goal, title, "Blues_r", "true distance to g", goal)
-    shown = in_slice(env, goal)
-    move = env.moves[table[shown, goal].cpu().numpy()]  # (N_shown, D) each cell's step
+    if v is None:
+        colours = np.where(to_goal >= 0, to_goal, np.nan)
+        show_map(fig, ax, env, colours, title, "Blues_r", "true distance to g", goal, plane)
+    else:
+        show_map(fig, ax, env, v[0], title, "viridis", "learned V", goal, plane, vmin=v[1], vmax=1)
+    move = env.moves[table[shown, goal]]  # (N_shown, D) each cell's step
     small = 15 / max(env.height, env.width, 15)  # marks shrink on large maps
     rows, cols = env.cells[shown, :2].T
     ax.quiver(cols, rows, move[:, 1], move[:, 0], angles="xy", scale_units="xy", scale=1.6,
@@ -824,6 +864,7 @@ def plot_policy(fig, ax, env, args, actor, x, truth, goal, to_goal):
     leaves = (move[:, 2:] != 0).any(1)  # a hypermaze's move off the slice
     ax.plot(cols[leaves], rows[leaves], "o", mfc="none", mec="k", ms=7 * small)
     ax.plot(cols[fails[shown]], rows[fails[shown]], "x", color="red", ms=9 * small, mew=2 * small)
+
 
 
 def plot_learning(fig, axes, env, args, d, dz, critic, x, goal, to_goal, history, kind):
@@ -884,22 +925,6 @@ def plot_embedding(fig, ax, env, critic, x, args, goal, to_goal):
 
 
 # =================================================== 10. files, checkpoints, command line
-@contextlib.contextmanager
-def staged(out, names):
-    """Write `names` in a hidden folder in `out`, then move them in: nothing half-written."""
-    tmp = os.path.join(out, f".partial-{os.getpid()}-{time.time_ns()}")
-    try:
-        os.makedirs(tmp)
-    except OSError as e:
-        raise UsageError(f"--out {out}: cannot write there ({e.strerror})") from None
-    try:
-        yield tmp
-        for name in names:
-            os.replace(os.path.join(tmp, name), os.path.join(out, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def write_files(folder, env, args, critic, actor, history, metrics):
     """model.pt (networks, flags, map, log), log.csv (a row per progress line), metrics.json."""
     ckpt = {"actor": actor.state_dict(), "history": history, "args": dataclasses.asdict(args),
@@ -911,38 +936,6 @@ def write_files(folder, env, args, critic, actor, history, metrics):
         writer.writerows(history)
     with open(os.path.join(folder, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump(metrics, f, indent=2)
-
-
-def parse_args(argv=None, knobs=Args, prog="metricrl.py", about=__doc__):
-    """A flag per knob, its comment as its help -> (knobs, the names of the flags given)."""
-    helps = {}
-    for cls in knobs.__mro__[-2::-1]:  # the base classes first, `object` left out
-        helps.update(re.findall(r"^    (\w+): .+  # (.+)$", inspect.getsource(cls), re.M))
-    parser = argparse.ArgumentParser(prog, usage=argparse.SUPPRESS,  # errors: one line
-                                     description=about.split("\n")[0],
-                                     argument_default=argparse.SUPPRESS)  # not given: not in
-    for field in dataclasses.fields(knobs):
-        flag = "--" + field.name.replace("_", "-")
-        text = helps.get(field.name, "")  # a knob without a comment: no help text
-        kind = type(field.default)
-        if kind is bool:
-            parser.add_argument(flag, action="store_true", help=text)
-            continue
-        if field.default != "":
-            text += f" (default: {field.default})"
-        choices = get_args(field.type) or None  # a Literal's values
-        parser.add_argument(flag, type=kind, choices=choices, help=text)
-    known, unknown = parser.parse_known_args(argv)
-    if unknown:  # --compare, say: a flag of experiments.py
-        raise UsageError(f"unrecognized arguments: {' '.join(unknown)} (sweeps: experiments.py)")
-    given = vars(known)
-    return knobs(**given), set(given)
-
-
-def require(args, name, ok, what):
-    """Raise UsageError, naming the flag and its value, unless ok."""
-    if not ok:
-        raise UsageError(f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)!r}")
 
 
 def check_numbers(args):
@@ -998,15 +991,24 @@ def pick_device(name):
     raise UsageError(f"--device {name}: here auto, cpu{cuda}")
 
 
-def with_budgets(args, n):
-    """--steps, --eval-every, --actor-batch 0 by N cells (departures): 2,600 steps, --critic exact
-    16 N if more (exact by 1,000 steps on maze, 4,000 maze25, 20,000 maze51); evaluations every
-    500, or 500 per 2,600 steps; max(1,024, N^2 / 32) actor samples."""
+def with_budgets(args, n, actions=4):
+    """The knobs left to the map, N cells, A actions (departures): --steps 0: 2,600, --critic exact
+    16 N if more (exact by 1,000 steps on maze, 4,000 maze25, 20,000 maze51); --eval-every 0: 500,
+    or 500 per 2,600 steps; --actor-batch 0: max(1,024, N^2 / 32); --goals auto: hindsight for
+    gcbc (its weights cannot score other goals), else uniform; --actions auto: all for metricrl
+    beyond 4 actions (not --critic exact: an N^3 table), else one."""
     exact = 16 * n if args.critic == "exact" else 0
     steps = args.steps or max(2600, exact)
     every = args.eval_every or max(500, steps * 500 // 2600)
     batch = args.actor_batch or max(1024, n * n // 32)
-    return dataclasses.replace(args, steps=steps, eval_every=every, actor_batch=batch)
+    goals, each = args.goals, args.actions
+    if goals == "auto":
+        goals = "hindsight" if args.algo == "gcbc" else "uniform"
+    if each == "auto":
+        cheap = args.algo == "metricrl" and args.critic != "exact"
+        each = "all" if cheap and actions > 4 else "one"
+    return dataclasses.replace(args, steps=steps, eval_every=every, actor_batch=batch,
+                               goals=goals, actions=each)
 
 
 def memory_needed(env, args):
@@ -1041,8 +1043,8 @@ def setup(args):
         raise UsageError(f"--env {args.env} with these flags needs about {need:.1f} GB of memory; "
                          f"this {device.type} has {have:.1f} GB: use {instead}")
     if args.features == "image" and env.grid.ndim > 2:
-        raise UsageError(f"--features image: an image shows 2-D maps; {args.env} is "
-                         f"{env.grid.ndim}-D: use --features xy or onehot")
+        raise UsageError(f"--features image: an image shows a 2-D map's cells; {args.env}'s "
+                         f"states have {env.grid.ndim} coordinates: use --features xy or onehot")
     if not (env.distance_matrix() > 0).any():
         raise UsageError(f"--env {args.env}: no free cell can reach another one")
     side = min(env.height, env.width) * args.tile  # the CNN's 4 layers need 17 pixels
@@ -1073,21 +1075,10 @@ def run_name(args, base=None):
     return "-".join([*name, f"s{args.seed}"])
 
 
-def exit_with_one_line(prog, error):
-    """Exit codes: 2 bad input (one line, no traceback), 1 diverged, 130 Ctrl-C."""
-    code, note = 2, ""
-    if isinstance(error, FloatingPointError):
-        code, note = 1, " (nothing was written)"
-    if isinstance(error, KeyboardInterrupt):
-        code, note = 130, "interrupted: nothing half-written; the same command resumes a sweep"
-    print(f"{prog}: error: {error}{note}", file=sys.stderr)
-    sys.exit(code)
-
-
 def main(argv=None):
     """The command line: python metricrl.py [knobs] runs one run; returns its metrics."""
     try:
-        args, _ = parse_args(argv)  # (the flags given: for experiments.py)
+        args, _ = parse_args(argv, Args)  # (the flags given: for experiments.py)
         check_args(args)
         return run(args)
     except (UsageError, FloatingPointError, KeyboardInterrupt) as e:

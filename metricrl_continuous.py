@@ -589,7 +589,7 @@ def maze_task(env_id, maze_map, limit):
 def main(argv=None):
     """The command line: python metricrl_continuous.py [knobs] runs one run; returns its metrics."""
     try:
-        args, _ = metricrl.parse_args(argv, Args, "metricrl_continuous.py", __doc__)
+        args, _ = metricrl.parse_args(argv, Args)
         check_args(args)
         return run(args)
     except (UsageError, FloatingPointError, KeyboardInterrupt) as e:

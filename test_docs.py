@@ -75,7 +75,7 @@ def check_command(line):
         return
     script, flags = argv[1], argv[2:]
     if script == "metricrl.py":
-        metricrl.check_args(metricrl.parse_args(flags)[0])
+        metricrl.check_args(metricrl.parse_args(flags, metricrl.Args)[0])
     elif script == "metricrl_continuous.py":
         knobs = metricrl.parse_args(flags, metricrl_continuous.Args)[0]
         metricrl_continuous.check_args(knobs)

@@ -386,6 +386,110 @@ def test_a_tiny_key_and_door_map_learns(tmp_path):
     assert m["critic_success_rate"] > 0.6 and m["success_rate"] > 0.6 and m["actions"] == 6
 
 
+KEY_ROOMS = "#######\n#K.#..#\n#..D..#\n#######"  # a key, a door, two rooms of 2 x 2
+
+
+def test_the_papers_task_runs_from_the_start_without_the_key_to_each_cell_past_the_door():
+    start, goals = GridWorld("doorkey").task()
+    cells = GridWorld("doorkey").cells
+    assert tuple(cells[start]) == (1, 1, 0, 0)  # the authors' start: top left, no key
+    right_room = {(r, c, 1, 1) for r in range(1, 9) for c in range(6, 9)}  # x 6-8, y 1-8
+    assert {tuple(cell) for cell in cells[goals].tolist()} == right_room
+    start, goals = GridWorld(KEY_ROOMS).task()
+    cells = GridWorld(KEY_ROOMS).cells
+    assert tuple(cells[start]) == (1, 2, 0, 0)  # (1, 1) holds the key
+    assert {tuple(cell) for cell in cells[goals].tolist()} == {
+        (1, 4, 1, 1), (1, 5, 1, 1), (2, 4, 1, 1), (2, 5, 1, 1)}
+    assert GridWorld("maze").task() is None
+
+
+def behaviour_by_sampling(env, epsilon, steps, episodes=20_000, seed=0):
+    """The data's behaviour on the task, episode by episode: from the start to a uniform goal;
+    a random action with probability epsilon (or where none is optimal), else an optimal one."""
+    rng = np.random.default_rng(seed)
+    start, goals = env.task()
+    s, g = np.full(episodes, start), rng.choice(goals, episodes)
+    reached = np.zeros(episodes, dtype=bool)
+    for _ in range(steps):
+        best = env.optimal_actions(s, g)  # (E, A)
+        pick = np.argmax(best + rng.random(best.shape), axis=1)
+        random = rng.integers(best.shape[1], size=episodes)
+        act = np.where((rng.random(episodes) < epsilon) | ~best.any(1), random, pick)
+        s = np.where(reached, s, env.transitions()[s, act])
+        reached |= s == g
+    return reached.mean()
+
+
+def test_the_data_reward_is_the_behaviours_chance_to_finish_the_task_in_t_steps():
+    env = GridWorld(KEY_ROOMS)
+    start, goals = env.task()
+    d = env.distance_matrix()[start, goals]  # 5 to 8 actions: to the key, pick up, open, ...
+    for t, share in ((d.min() - 1, 0.0), (d.max(), 1.0)):  # the expert: exactly
+        args = Args(epsilon=0.0, episode_len=int(t))
+        assert metricrl.behaviour_reward(env, args, start, goals) == pytest.approx(share)
+    for eps, t in ((0.5, 12), (1.0, 30)):
+        exact = metricrl.behaviour_reward(env, Args(epsilon=eps, episode_len=t), start, goals)
+        assert exact == pytest.approx(behaviour_by_sampling(env, eps, t), abs=0.015)
+        assert 0.05 < exact < 0.95
+
+
+def test_task_success_counts_the_starts_rollouts_to_the_goals_past_the_door():
+    """Optimal, except towards half the task's goals: up (a wall at the start: stuck)."""
+    env = GridWorld("doorkey")
+    t = truth(env)
+    start, goals = env.task()
+    policy = opt_table(env).float()
+    stuck = goals[::2]
+    policy[:, stuck] = torch.eye(6)[0]  # up
+    dz = t["d"].float().clone()
+    dz[:, stuck] = 0  # a flat critic: its greedy action is the first, up
+    x = metricrl.build(env, Args(), "cpu")[0]
+    m = metricrl.evaluate(dz, TableActor(policy), x, t)
+    share = 1 - len(stuck) / len(goals)
+    assert m["success_task"] == pytest.approx(share) and m["critic_success_task"] == share
+    plain = truth(GridWorld("rooms"))
+    x = metricrl.build(GridWorld("rooms"), Args(), "cpu")[0]
+    m = metricrl.evaluate(None, TableActor(opt_table(GridWorld("rooms")).float()), x, plain)
+    assert np.isnan(m["success_task"]) and m["success_rate"] == 1.0
+
+
+def test_a_key_and_door_maps_figure_shows_each_flag_state(tmp_path, monkeypatch):
+    drawn, savefig = [], metricrl.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        drawn.append(fig)
+        savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(metricrl.Figure, "savefig", keep)
+    layout = tmp_path / "keys.txt"
+    layout.write_text(KEY_ROOMS)
+    m = metricrl.main(["--env", str(layout), "--out", str(tmp_path / "a"), *TINY])
+    env = GridWorld(KEY_ROOMS)
+    d = env.distance_matrix()
+    goal = np.argmax(d.max(0))
+    titles = [ax.get_title() for ax in drawn[0].axes][:4]
+    for title, flags in zip(titles, ((0, 0), (1, 0), (1, 1))):
+        plane = (env.cells[:, 2:] == flags).all(1)
+        assert title.endswith(f" of {(plane & (d[:, goal] > 0)).sum()} cells fail (×)"), title
+    assert [title.split(":")[0] for title in titles[:3]] == [
+        "No key", "Key carried, door closed", "Door open"]
+    assert f"the paper's task: success {m['success_task']:.3f}" in drawn[0]._suptitle.get_text()
+    assert 0 <= m["data_reward"] <= 1 and "success_task" in m
+
+
+def test_compare_on_a_key_and_door_map_adds_the_task_columns(tmp_path):
+    layout = tmp_path / "keys.txt"
+    layout.write_text(KEY_ROOMS)
+    for env, has in ((str(layout), True), (tiny_map(tmp_path), False)):
+        out = tmp_path / f"cmp-{has}"
+        experiments.main(["--compare", "--env", env, "--algos", "metricrl-quasimetric,gcbc",
+                          "--epsilons", "1", "--seeds", "1", *TINY, "--out", str(out)])
+        header = (out / "compare.md").read_text().splitlines()[2]
+        assert ("| data_reward | success_task | critic_success_task |" in header) == has
+        runs = [json.loads(p.read_text()) for p in out.glob("*/metrics.json")]
+        assert {run["flags"]["metric"] for run in runs} == {"quasimetric", "euclidean"}
+
+
 def test_hypermaze_cells_moves_and_bfs_equal_a_brute_force_by_hand():
     env = GridWorld("hypermaze3s5")
     cells, moves, step = hypercube_by_hand(3, 5)
@@ -440,10 +544,10 @@ def test_every_action_loss_is_the_mean_of_the_one_action_loss():
     """--actions all: for each (s, g), sum_a w(s, a, g) / k(s) (-log pi(a | s, g)) over the
     data's actions a at s, the one-action loss's mean over a uniform action at s."""
     env, args, data, x, critic, actor = tiny_run("rooms", critic="bfs", actions="all",
-                                                 actor_batch=64)
+                                                 actor_batch=64, goals="uniform")
     data = {**data, **metricrl.balance(data)}
     torch.manual_seed(3)
-    loss = metricrl.actor_step(critic, actor, x, None, data, "uniform", args)
+    loss = metricrl.actor_step(critic, actor, x, None, data, args)
     torch.manual_seed(3)
     s, _, _, g = metricrl.sample(data, args.actor_batch, "uniform", args)
     d = torch.as_tensor(np.array(env.distance_matrix())).float()
@@ -1513,7 +1617,7 @@ def test_exercises_run_as_written(tmp_path, monkeypatch):
         argv = shlex.split(command)[2:]
         metrics = metricrl.main([*argv, "--steps", "30", "--eval-every", "30", "--quiet",
                                  "--out", str(tmp_path / str(i))])
-        written, given = metricrl.parse_args(argv)
+        written, given = metricrl.parse_args(argv, Args)
         for name in given - {"out"}:  # the run used each knob the exercise names
             assert metrics["flags"][name] == getattr(written, name), command
         assert metrics["flags"]["steps"] == 30 and metrics["env"] == written.env
@@ -1536,7 +1640,8 @@ def test_exercises_run_as_written(tmp_path, monkeypatch):
     (["--critic", "exact", "--metric", "quasimetric"], "--critic exact has its own geometry"),
     (["--critic", "exact", "--lam", "2"], "drop --metric, --latent, --lam"),
     (["--algo", "td", "--gamma", "1"], "td needs --gamma below 1"),
-    (["--env", "hypermaze3s5", "--features", "image"], "an image shows 2-D maps"),
+    (["--env", "hypermaze3s5", "--features", "image"], "an image shows a 2-D map's cells"),
+    (["--env", "doorkey", "--features", "image"], "doorkey's states have 4 coordinates"),
     (["--env", "hypermaze1"], "--env: hypermaze1: a hypermaze needs d >= 2"),
     (["--env", "hypermaze999999999"], "a hypermaze needs d >= 2"),  # refused at once
     (["--episodes", "200000"], "--episodes must be at most 2^24 / T"),

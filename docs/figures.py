@@ -1,13 +1,15 @@
 """Redraws every figure in docs/figures/ with the code in hand, from the commands that make it.
 
     python -m docs.figures --list        # each figure and the commands that make its runs
-    python -m docs.figures               # all of them: about 4 h on 2 cores, 3 h of it continuous
+    python -m docs.figures               # all of them: about 4.5 h on 2 cores, 3 h of it continuous
     python -m docs.figures exact.png     # one: its runs first, unless they are finished
 
 Run it from the repository's root. A figure is a file that a run or a sweep writes, copied
-here, or one drawn here from finished runs (exact.png, scale.png, images.png). A run whose
+here, or one drawn here from finished runs (exact.png, scale.png, images.png,
+doorkey.png). A run whose
 metrics.json exists with the same flags is not run again; sweeps resume on their own."""
 import dataclasses
+import glob
 import json
 import os
 import shlex
@@ -27,6 +29,8 @@ ORACLE = ("python experiments.py --compare --algos metricrl,metricrl-bfs "
           "--envs open,rooms,maze,loops,maze25 --epsilons 1")
 EXACT = ("python experiments.py --compare --algos metricrl-exact "
          "--envs open,rooms,maze,loops,oneway,maze25 --epsilons 1")
+DOORKEY = ("python experiments.py --compare --env doorkey --algos metricrl,metricrl-quasimetric,"
+           "gcbc,td --epsilons 0,0.75,0.8,0.85,0.9,0.95,1")
 ORACLE_RUNS = "runs/compare-open-rooms-maze-loops-maze25"
 EXACT_RUNS = "runs/compare-open-rooms-maze-loops-oneway-maze25"
 
@@ -97,6 +101,39 @@ def draw_images(path):
     fig.savefig(path, dpi=80)
 
 
+def draw_doorkey(path):
+    """The paper's Fig. 1 on doorkey: each method's success on the paper's task (and over all
+    pairs) against the data's own expected reward on that task, mean ± std over the seeds."""
+    runs = [metrics(os.path.dirname(f)) for f in glob.glob("runs/compare-doorkey/*/metrics.json")]
+    fig = Figure(figsize=(13, 4.8), layout="constrained")
+    panels = (("success_task", "the paper's task: from the start (no key) past the door"),
+              ("success_rate", "all reachable pairs (s, g) of the 168 states"))
+    for ax, (key, what), place in zip(fig.subplots(1, 2), panels, ("center left", "lower center")):
+        for method in ("metricrl", "metricrl-quasimetric", "gcbc", "td"):
+            mine = [run for run in runs if method_name(run) == method]
+            qualities = sorted({run["flags"]["epsilon"] for run in mine})
+            rows = [[run for run in mine if run["flags"]["epsilon"] == eps] for eps in qualities]
+            x = [np.mean([run["data_reward"] for run in row]) for row in rows]
+            y = np.array([[run[key] for run in row] for row in rows])  # (qualities, seeds)
+            ax.errorbar(x, y.mean(1), yerr=y.std(1), marker="o", capsize=3, label=method)
+        if key == "success_task":  # the data's own success on the same task
+            ax.plot([0, 1], [0, 1], "k:", lw=1, label="the data's own reward")
+        ax.set(xlim=(-0.02, 1.02), ylim=(0, 1.02), title=f"Success on {what}",
+               xlabel="the data's expected reward on the task (random data: left; expert: right)",
+               ylabel="success (mean ± std, 3 seeds)")
+        ax.legend(fontsize=8, loc=place)
+    fig.suptitle("The paper's Figure 1 in the exact world: doorkey (a key, a locked door), "
+                 "data from ε-random behaviour")
+    fig.savefig(path, dpi=80)
+
+
+def method_name(run):
+    """A doorkey run's method, as --algos names it: metricrl, metricrl-quasimetric, gcbc, td."""
+    if run["flags"]["metric"] == "quasimetric":
+        return "metricrl-quasimetric"
+    return run["algo"]
+
+
 FIGURES = {  # name: (the commands that make its runs, the file they write or a drawing)
     "metricrl.png": (["python metricrl.py --env maze"], "runs/maze-metricrl-s0/metricrl.png"),
     "compare.png": (["python experiments.py --compare --env maze"],
@@ -108,6 +145,9 @@ FIGURES = {  # name: (the commands that make its runs, the file they write or a 
     "assumptions.png": (["python experiments.py --assumptions"],
                         "runs/assumptions/assumptions.png"),
     "images.png": ([], draw_images),
+    "doorkey.png": ([DOORKEY], draw_doorkey),
+    "doorkey-run.png": (["python metricrl.py --env doorkey"],
+                        "runs/doorkey-metricrl-s0/metricrl.png"),
     "observations.png": (["python experiments.py --observations --seeds 1"],
                          "runs/observations/observations.png"),
     "hypermaze.png": (["python metricrl.py --env hypermaze4s5"],

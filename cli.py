@@ -44,7 +44,7 @@ def parse_args(argv, knobs, prog=None):
     """A flag per knob of the dataclass `knobs`, its comment as its help -> (knobs, the names
     of the flags given). --help: prog (default: the knobs' file) and that file's first line."""
     module = sys.modules[knobs.__module__]
-    prog = prog or os.path.basename(module.__file__)
+    prog = prog or os.path.basename(getattr(module, "__file__", "python"))
     helps = {}
     for cls in knobs.__mro__[-2::-1]:  # the base classes first, `object` left out
         helps.update(re.findall(r"^    (\w+): .+  # (.+)$", inspect.getsource(cls), re.M))

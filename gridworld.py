@@ -378,8 +378,8 @@ class GridWorld(gymnasium.Env):
         return shortest_moves(self.transitions(), self.distance_matrix(), s, g)
 
     def task(self):
-        """The paper's task (Fig. 1), on a key-and-door map: from the first cell with no key, the
-        door closed (doorkey's top left), to each cell past the door -> start, goals (G,)."""
+        """The paper's task (Fig. 1) on a key-and-door map: from the first state with no key and
+        the door closed (doorkey's top left) to each state past the door -> start, goals (G,)."""
         if not (self.grid == KEY).any():
             return None
         start = int(np.flatnonzero((self.cells[:, 2:] == 0).all(1))[0])  # no key, door closed
@@ -389,7 +389,7 @@ class GridWorld(gymnasium.Env):
         closed[shut[:, 0], shut[:, 1]] = True
         rows, cols = self.cells[:, :2].T
         beyond = reach & ~closed[rows, cols] & (self.grid[rows, cols, 0, 0] != DOOR)
-        return start, np.flatnonzero(beyond)
+        return (start, np.flatnonzero(beyond)) if beyond.any() else None  # a door to go around
 
     def cell_indices(self, rc):
         """Coordinates (B, D), ints -> cell indices (B,); one cell's (D,) -> an int.

@@ -626,8 +626,8 @@ def spearman(x, y):
 def behaviour_reward(env, args, start, goals):
     """The data's own expected reward on a task (Fig. 1's x-axis; departure: exact, not a mean
     over the data's trajectories): the chance that the data's behaviour (collect_dataset's,
-    without --slip) reaches the goal from the start within T steps, its mean over the goals
-    (G,): the law of s_t, pushed T times through the moves."""
+    its slips included) reaches the goal from the start within T steps, its mean over the
+    goals (G,): the law of s_t, pushed T times through the moves."""
     nxt, d = env.data_map(env.held_out(args.holdout, args.seed), args.data == "split")
     n, actions = nxt.shape
     s, g = np.repeat(np.arange(n), len(goals)), np.tile(goals, n)  # (N G,) each cell, each goal
@@ -635,6 +635,7 @@ def behaviour_reward(env, args, start, goals):
     share = best.sum(-1, keepdims=True)  # optimal actions at s, to g; none: any action
     expert = np.where(share > 0, best / np.maximum(share, 1), 1 / actions)
     policy = args.epsilon / actions + (1 - args.epsilon) * expert  # (N, G, A) pi(a | s, g)
+    policy = (1 - args.slip) * policy + args.slip * (1 - policy) / (actions - 1)  # the move made
     at = np.zeros((len(goals), n))  # (G, N) the law of s_t, an episode per goal
     at[:, start] = 1
     into = np.arange(len(goals))[:, None, None] * n + nxt  # (G, N, A) (goal, s') as one index
@@ -663,7 +664,7 @@ def run(args):
                     "edge_coverage": len(moves) / env.transitions().size}
         x, critic, actor = build(env, args, device)
         if not args.quiet:
-            steps = with_budgets(args, len(x)).steps
+            steps = with_budgets(args, len(x), len(env.moves)).steps
             say(f"{args.env}: {len(x)} cells | data {coverage} | {device} | {steps} steps")
         history = train(data, x, critic, actor, args, truth)
         shown = METRICS + (SEEN_METRICS if args.holdout > 0 else ())
@@ -804,7 +805,10 @@ def plot_run(folder, env, args, x, critic, actor, data, truth, history, metrics)
         colours = None if v is None else (v, low)
         for ax, (plane, name) in zip(top, FLAG_STATES.items()):
             plot_policy(fig, ax, env, args, table, reached, goal, name, plane, colours)
-    visits = np.bincount(data["s"].cpu().numpy(), minlength=len(x))
+    visits = np.bincount(data["s"].cpu().numpy(), minlength=len(x))  # (N,)
+    if env.task() is not None:  # a key-and-door map: a cell's three flag states together
+        where = env.cells[:, 0] * env.width + env.cells[:, 1]  # (N,) the state's cell
+        visits = np.bincount(where, visits)[where]
     held = " (cyan □: held out)" if args.holdout > 0 else ""
     show_map(fig, top[3], env, visits, f"Offline data: visits per cell (ε = {args.epsilon})"
              + held, "magma", "visits", goal)
@@ -831,7 +835,7 @@ def figure_title(env, args, transitions, metrics, goal):
     goal_text = f"one far goal g = {tuple(env.cells[goal].tolist())}"
     if env.task() is not None:  # and on the paper's task; the top row: each flag state
         title += f"; the paper's task: success {metrics['success_task']:.3f}.\nTop row, for "
-        title += f"{goal_text}: the greedy π(·|s, g) in each flag state, on the learned V "
+        title += f"{goal_text}: the greedy π(·|s, g) in each flag state, on the critic's V "
         return title + "(gcbc: on the true distance); ○: picks up, opens"
     title += f". Top row: {goal_text}"
     if env.grid.ndim > 2:
@@ -855,13 +859,14 @@ def plot_policy(fig, ax, env, args, table, reached, goal, title, plane=None, v=N
         colours = np.where(to_goal >= 0, to_goal, np.nan)
         show_map(fig, ax, env, colours, title, "Blues_r", "true distance to g", goal, plane)
     else:
-        show_map(fig, ax, env, v[0], title, "viridis", "learned V", goal, plane, vmin=v[1], vmax=1)
+        show_map(fig, ax, env, v[0], title, "viridis", "V", goal, plane, vmin=v[1], vmax=1)
     move = env.moves[table[shown, goal]]  # (N_shown, D) each cell's step
     small = 15 / max(env.height, env.width, 15)  # marks shrink on large maps
     rows, cols = env.cells[shown, :2].T
     ax.quiver(cols, rows, move[:, 1], move[:, 0], angles="xy", scale_units="xy", scale=1.6,
               width=0.006 * small, color="k")
-    leaves = (move[:, 2:] != 0).any(1)  # a hypermaze's move off the slice
+    after = env.transitions()[np.flatnonzero(shown), table[shown, goal]]  # (N_shown,)
+    leaves = (env.cells[after, 2:] != plane).any(1)  # off the plane: picks up, opens, or a slice
     ax.plot(cols[leaves], rows[leaves], "o", mfc="none", mec="k", ms=7 * small)
     ax.plot(cols[fails[shown]], rows[fails[shown]], "x", color="red", ms=9 * small, mew=2 * small)
 
@@ -991,7 +996,7 @@ def pick_device(name):
     raise UsageError(f"--device {name}: here auto, cpu{cuda}")
 
 
-def with_budgets(args, n, actions=4):
+def with_budgets(args, n, actions):
     """The knobs left to the map, N cells, A actions (departures): --steps 0: 2,600, --critic exact
     16 N if more (exact by 1,000 steps on maze, 4,000 maze25, 20,000 maze51); --eval-every 0: 500,
     or 500 per 2,600 steps; --actor-batch 0: max(1,024, N^2 / 32); --goals auto: hindsight for
@@ -1017,7 +1022,7 @@ def memory_needed(env, args):
     episodes = args.episodes or default_episodes(n, actions, args.episode_len)
     need = 250 * n * n + 100 * args.episode_len * episodes  # the tables, the data
     hidden = args.hidden or 256  # the widest rule; and the actor's (B, A) logits, weights
-    batch = with_budgets(args, n).actor_batch
+    batch = with_budgets(args, n, actions).actor_batch
     need += 16 * (5 * n * hidden + 3 * hidden ** 2) + 32 * batch * (hidden + actions)
     if args.features == "image":  # and the convolutions' weights, gradients, Adam's moments
         pixels = env.height * env.width * args.tile ** 2
@@ -1051,8 +1056,12 @@ def setup(args):
     if args.features == "image" and side < 17:
         raise UsageError(f"--tile {args.tile}: --env {args.env}'s image is {side} pixels "
                          f"across, the CNN needs 17: --tile {math.ceil(17 / side * args.tile)}")
-    if (~env.held_out(args.holdout, args.seed)).sum() < 2:
+    held = env.held_out(args.holdout, args.seed)
+    if (~held).sum() < 2:
         raise UsageError(f"--holdout {args.holdout} leaves no move to learn from on {args.env}")
+    if args.holdout > 0 and not held.any():  # a map in pieces (a locked room): none can go
+        raise UsageError(f"--holdout: no cell of {args.env} can be held out and keep the rest "
+                         "connected")
     return env, device
 
 

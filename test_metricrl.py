@@ -401,11 +401,13 @@ def test_the_papers_task_runs_from_the_start_without_the_key_to_each_cell_past_t
     assert {tuple(cell) for cell in cells[goals].tolist()} == {
         (1, 4, 1, 1), (1, 5, 1, 1), (2, 4, 1, 1), (2, 5, 1, 1)}
     assert GridWorld("maze").task() is None
+    assert GridWorld("#######\n#K.D..#\n#.....#\n#######").task() is None  # a door to go around
 
 
-def behaviour_by_sampling(env, epsilon, steps, episodes=20_000, seed=0):
+def behaviour_by_sampling(env, epsilon, steps, slip=0.0, episodes=20_000, seed=0):
     """The data's behaviour on the task, episode by episode: from the start to a uniform goal;
-    a random action with probability epsilon (or where none is optimal), else an optimal one."""
+    a random action with probability epsilon (or where none is optimal), else an optimal one;
+    with probability slip the move is one of the other actions."""
     rng = np.random.default_rng(seed)
     start, goals = env.task()
     s, g = np.full(episodes, start), rng.choice(goals, episodes)
@@ -415,6 +417,8 @@ def behaviour_by_sampling(env, epsilon, steps, episodes=20_000, seed=0):
         pick = np.argmax(best + rng.random(best.shape), axis=1)
         random = rng.integers(best.shape[1], size=episodes)
         act = np.where((rng.random(episodes) < epsilon) | ~best.any(1), random, pick)
+        other = (act + rng.integers(1, best.shape[1], size=episodes)) % best.shape[1]
+        act = np.where(rng.random(episodes) < slip, other, act)
         s = np.where(reached, s, env.transitions()[s, act])
         reached |= s == g
     return reached.mean()
@@ -427,9 +431,10 @@ def test_the_data_reward_is_the_behaviours_chance_to_finish_the_task_in_t_steps(
     for t, share in ((d.min() - 1, 0.0), (d.max(), 1.0)):  # the expert: exactly
         args = Args(epsilon=0.0, episode_len=int(t))
         assert metricrl.behaviour_reward(env, args, start, goals) == pytest.approx(share)
-    for eps, t in ((0.5, 12), (1.0, 30)):
-        exact = metricrl.behaviour_reward(env, Args(epsilon=eps, episode_len=t), start, goals)
-        assert exact == pytest.approx(behaviour_by_sampling(env, eps, t), abs=0.015)
+    for eps, t, slip in ((0.5, 12, 0.0), (1.0, 30, 0.0), (0.0, 10, 0.3)):
+        args = Args(epsilon=eps, episode_len=t, slip=slip)
+        exact = metricrl.behaviour_reward(env, args, start, goals)
+        assert exact == pytest.approx(behaviour_by_sampling(env, eps, t, slip), abs=0.015)
         assert 0.05 < exact < 0.95
 
 
@@ -1115,7 +1120,7 @@ def test_logged_losses_average_only_the_steps_that_computed_them():
 def test_step_budget_grows_with_the_map_for_the_exact_critic_only():
     """--steps 0: 2,600, or 16 N for --critic exact on a map past 162 cells; six evaluations."""
     def budget(n, **knobs):
-        args = metricrl.with_budgets(Args(**knobs), n)
+        args = metricrl.with_budgets(Args(**knobs), n, 4)
         return args.steps, args.eval_every
 
     assert budget(1274) == (2600, 500)  # the paper's critic: at its plateau by step 500
@@ -1128,7 +1133,7 @@ def test_step_budget_grows_with_the_map_for_the_exact_critic_only():
 
 
 def test_actor_budget_grows_with_the_map():
-    budgets = [metricrl.with_budgets(Args(), n).actor_batch for n in (10, 99, 292, 1274)]
+    budgets = [metricrl.with_budgets(Args(), n, 4).actor_batch for n in (10, 99, 292, 1274)]
     assert budgets[:2] == [1024, 1024] and budgets[2] > 2 * 1024
     assert budgets[3] == 1274 ** 2 // 32 and budgets[3] / budgets[2] == pytest.approx(
         (1274 / 292) ** 2, rel=0.01)  # N^2 samples per step
@@ -1642,6 +1647,7 @@ def test_exercises_run_as_written(tmp_path, monkeypatch):
     (["--algo", "td", "--gamma", "1"], "td needs --gamma below 1"),
     (["--env", "hypermaze3s5", "--features", "image"], "an image shows a 2-D map's cells"),
     (["--env", "doorkey", "--features", "image"], "doorkey's states have 4 coordinates"),
+    (["--env", "doorkey", "--holdout", "0.1"], "no cell of doorkey can be held out"),
     (["--env", "hypermaze1"], "--env: hypermaze1: a hypermaze needs d >= 2"),
     (["--env", "hypermaze999999999"], "a hypermaze needs d >= 2"),  # refused at once
     (["--episodes", "200000"], "--episodes must be at most 2^24 / T"),

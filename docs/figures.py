@@ -128,10 +128,15 @@ def draw_doorkey(path):
 
 
 def method_name(run):
-    """A doorkey run's method, as --algos names it: metricrl, metricrl-quasimetric, gcbc, td."""
-    if run["flags"]["metric"] == "quasimetric":
-        return "metricrl-quasimetric"
-    return run["algo"]
+    """A run's method, as --algos names it: the variant of experiments.VARIANTS whose knobs it
+    has, each knob a variant leaves out at its default."""
+    defaults = dataclasses.asdict(metricrl.Args())
+    knobs = {knob for variant in experiments.VARIANTS.values() for knob in variant}
+    for name, variant in experiments.VARIANTS.items():
+        wanted = {**{knob: defaults[knob] for knob in knobs}, **variant}
+        if all(run["flags"][knob] == value for knob, value in wanted.items()):
+            return name
+    return None
 
 
 FIGURES = {  # name: (the commands that make its runs, the file they write or a drawing)

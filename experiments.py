@@ -318,8 +318,8 @@ def sweep_table(args, sweep_kind, results, device):
     if args.seeds > 1:
         made += ", mean ± std"
     made += f"; {os.cpu_count()} CPU cores, torch {torch.__version__}, device {device}."
-    runs = [run for row in results.values() for run in row]
-    columns = [key for key in sweep_kind.columns if any(key in run for run in runs)]  # a map's
+    every = [run for row in results.values() for run in row]
+    columns = [key for key in sweep_kind.columns if any(key in run for run in every)]  # a map's
     header = sweep_kind.labels + tuple(columns)
     lines = [made, "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for label, runs in results.items():

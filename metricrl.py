@@ -758,7 +758,8 @@ def show_map(fig, ax, env, values, title, cmap, label, goal, plane=None, **kw):
     row, col = env.cells[goal, :2]
     ax.plot(col, row, "*", color="white", ms=18, mec="k", label="goal g")
     grid = env.grid[(slice(None), slice(None), *plane)]  # (H, W) the plane's characters
-    for r, c in np.argwhere(np.isin(grid, [*gridworld.ONE_WAY, "K", "D", "/"])):
+    marked = [*gridworld.ONE_WAY, gridworld.KEY, gridworld.DOOR, gridworld.OPEN]  # as text
+    for r, c in np.argwhere(np.isin(grid, marked)):
         ax.text(c, r, grid[r, c], ha="center", va="center", color="red", weight="bold")
 
 
